@@ -1,0 +1,155 @@
+"""Compute kernels: small pure functions over numpy arrays, each with a slow reference twin.
+
+Shapes: T is the number of tokens in the block (T = 1 when decoding), n the input width.
+All fast kernels compute in float32; the ``*_ref`` twins are written for obviousness (float64,
+explicit loops) and exist to test the fast ones.
+"""
+import math
+
+import numexpr
+import numpy as np
+
+from .quant import Q40_BLOCK_BYTES, dequantize_q40
+
+# Q4_0 byte -> its two 4-bit codes minus 8: [low nibble (element j), high nibble (element j+16)].
+_Q40_LUT = np.stack([(np.arange(256) & 15) - 8, (np.arange(256) >> 4) - 8], axis=1).astype(np.float32)
+
+# Rows of a Q4_0 matrix dequantized per step: bounds the float32 scratch at ~1 MB per 4096 inputs.
+TILE_WEIGHTS = 1 << 18
+
+
+def matmul(x, w, quant):
+    """y = x W^T for a weight stored as `quant` ("q40" bytes or "f32"). x (T, n) -> (T, rows)."""
+    return matmul_q40(x, w) if quant == "q40" else x @ w.T
+
+
+def matmul_q40(x, w_q40):
+    """x (T, n) float32 times a Q4_0 matrix (rows, n/32*18) uint8 transposed -> (T, rows) float32.
+
+    The matrix stays Q4_0 in memory; tiles of rows are dequantized into float32 scratch and
+    multiplied with BLAS. The lookup table yields each block's values in interleaved order
+    (j, j+16, j+1, j+17, ...), so x is permuted once to match instead of reordering weights.
+    """
+    T, n = x.shape
+    rows, row_bytes = w_q40.shape
+    nb = row_bytes // Q40_BLOCK_BYTES
+    if nb * 32 != n:
+        raise ValueError(f"input width {n} does not match a Q4_0 matrix of {nb} blocks per row")
+    blocks = w_q40.reshape(rows, nb, Q40_BLOCK_BYTES)
+    x_lanes = np.ascontiguousarray(
+        x.reshape(T, nb, 2, 16).transpose(0, 1, 3, 2).reshape(T, n), dtype=np.float32)
+    out = np.empty((T, rows), dtype=np.float32)
+    tile = max(1, TILE_WEIGHTS // n)
+    for r0 in range(0, rows, tile):
+        b = blocks[r0:r0 + tile]
+        scales = np.ascontiguousarray(b[:, :, :2]).view(np.float16).astype(np.float32)
+        values = _Q40_LUT[b[:, :, 2:]]                      # (r, nb, 16, 2)
+        values *= scales[:, :, :, None]                     # scales (r, nb, 1) per block
+        out[:, r0:r0 + len(b)] = x_lanes @ values.reshape(len(b), n).T
+    return out
+
+
+def matmul_q40_ref(x, w_q40):
+    """Reference: dequantize the whole matrix, multiply in float64."""
+    return (np.asarray(x, np.float64) @ dequantize_q40(w_q40).astype(np.float64).T).astype(np.float32)
+
+
+def rmsnorm(x, weight, eps):
+    """x (T, d) float32, weight (d,) -> x / sqrt(mean(x^2) + eps) * weight, per row."""
+    mean_square = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
+    return (x * (np.float32(1.0) / np.sqrt(mean_square + np.float32(eps)))) * weight
+
+
+def rmsnorm_ref(x, weight, eps):
+    out = np.empty(x.shape, dtype=np.float64)
+    for t, row in enumerate(np.asarray(x, np.float64)):
+        out[t] = row / math.sqrt(sum(v * v for v in row) / len(row) + eps) * weight
+    return out
+
+
+def rope_tables(head_dim, max_seq_len, theta):
+    """cos and sin (max_seq_len, head_dim/2) float32 of pos * theta^(-2i/head_dim)."""
+    freqs = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = np.outer(np.arange(max_seq_len, dtype=np.float64), freqs)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rope(x, cos, sin):
+    """Rotate interleaved pairs (2i, 2i+1) of every head (the GGML / llama2.c convention).
+
+    x (T, heads, head_dim) float32; cos, sin (T, head_dim/2) rows of the block's positions.
+    """
+    even, odd = x[..., 0::2], x[..., 1::2]
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = np.empty_like(x)
+    out[..., 0::2] = even * c - odd * s
+    out[..., 1::2] = even * s + odd * c
+    return out
+
+
+def rope_ref(x, positions, theta):
+    out = np.array(x, dtype=np.float64)
+    T, heads, hd = x.shape
+    for t in range(T):
+        for h in range(heads):
+            for i in range(0, hd, 2):
+                angle = positions[t] * theta ** (-i / hd)
+                a, b = x[t, h, i], x[t, h, i + 1]
+                out[t, h, i] = a * math.cos(angle) - b * math.sin(angle)
+                out[t, h, i + 1] = a * math.sin(angle) + b * math.cos(angle)
+    return out
+
+
+def swiglu(gate, up):
+    """silu(gate) * up, elementwise, float32 (the Llama FFN nonlinearity)."""
+    return numexpr.evaluate("gate / (1 + exp(-gate)) * up").astype(np.float32, copy=False)
+
+
+def swiglu_ref(gate, up):
+    g = np.asarray(gate, np.float64)
+    return g / (1 + np.exp(-g)) * up
+
+
+def attention(q, k_cache, v_cache, pos, head_kv):
+    """Causal attention of a block of T queries at positions pos..pos+T-1.
+
+    q (T, H, hd) float32, this rank's query heads; k_cache, v_cache (KV, max_seq, hd) this
+    rank's kv heads with positions [0, pos+T) filled; head_kv (H,) the cache index each query
+    head reads (non-decreasing). Returns (T, H*hd) float32.
+    """
+    T, H, hd = q.shape
+    S = pos + T
+    # Query t may see keys 0..pos+t; larger positions are masked out.
+    mask = np.arange(S)[None, :] > (pos + np.arange(T))[:, None]          # (T, S)
+    out = np.empty((T, H, hd), dtype=np.float32)
+    kv_ids, starts, counts = np.unique(head_kv, return_index=True, return_counts=True)
+    if len(set(counts.tolist())) == 1:          # same number of heads per kv head: one batch
+        groups = [(kv_ids[0], kv_ids[-1] + 1, 0, H)]
+    else:
+        groups = [(j, j + 1, a, a + c) for j, a, c in zip(kv_ids, starts, counts)]
+    for k0, k1, h0, h1 in groups:
+        nkv, g = k1 - k0, (h1 - h0) // (k1 - k0)
+        qg = q[:, h0:h1].reshape(T, nkv, g, hd).transpose(1, 2, 0, 3).reshape(nkv, g * T, hd)
+        scores = qg @ k_cache[k0:k1, :S].transpose(0, 2, 1)                 # (nkv, g*T, S)
+        scores *= np.float32(1.0 / math.sqrt(hd))
+        scores = scores.reshape(nkv, g, T, S)
+        scores[:, :, mask] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        ctx = scores.reshape(nkv, g * T, S) @ v_cache[k0:k1, :S]             # (nkv, g*T, hd)
+        out[:, h0:h1] = ctx.reshape(nkv, g, T, hd).transpose(2, 0, 1, 3).reshape(T, h1 - h0, hd)
+    return out.reshape(T, H * hd)
+
+
+def attention_ref(q, k_cache, v_cache, pos, head_kv):
+    T, H, hd = q.shape
+    out = np.zeros((T, H, hd))
+    for t in range(T):
+        for h in range(H):
+            keys = k_cache[head_kv[h], :pos + t + 1].astype(np.float64)
+            scores = keys @ q[t, h] / math.sqrt(hd)
+            weights = np.exp(scores - scores.max())
+            weights /= weights.sum()
+            out[t, h] = weights @ v_cache[head_kv[h], :pos + t + 1]
+    return out.reshape(T, H * hd)

@@ -1,0 +1,116 @@
+"""Loading a model file onto the ranks: validate on root, then each rank reads its slices.
+
+Two ways for weights to reach a rank:
+- "file" (default): every rank opens the file read-only (shared filesystem or a copy per
+  host) and reads only its own rows, one hyperslab per matrix; root also reads the unsplit
+  token embedding.
+- "root": only root reads the file and sends each rank its slices, for clusters without a
+  shared filesystem (as Distributed Llama does).
+"""
+import numpy as np
+
+from .config import ModelConfig
+from .errors import DllmError
+from .model import LAYER_MATRICES, Model
+from .modelfile import ModelFile
+from .shard import plan
+from .sync import PAYLOADS
+from .tokenizer import Tokenizer
+
+WEIGHTS_FROM = ("file", "root")
+
+
+def local_tensors(config, shard, is_root):
+    """(key, dataset, rows or None) of every array a rank holds; rows None = whole tensor."""
+    entries = [("tok_embeddings", "tok_embeddings", None)] if is_root else []
+    classifier = "tok_embeddings" if config.tie_embeddings else "output"
+    entries += [("output", classifier, shard.vocab_rows), ("norm", "norm", None)]
+    for layer in range(config.n_layers):
+        prefix = f"layers/{layer}/"
+        entries += [(prefix + n, prefix + n, None) for n in ("attention_norm", "ffn_norm")]
+        entries += [(prefix + n, prefix + n, shard.rows(n)) for n in LAYER_MATRICES]
+    return entries
+
+
+def check_options(sync, weights_from, max_seq_len, prefill_chunk):
+    if sync not in PAYLOADS:
+        raise DllmError(f"--sync must be one of {', '.join(PAYLOADS)}, got {sync!r}")
+    if weights_from not in WEIGHTS_FROM:
+        raise DllmError(f"--weights-from must be one of {', '.join(WEIGHTS_FROM)}, "
+                        f"got {weights_from!r}")
+    if max_seq_len is not None and max_seq_len < 1:
+        raise DllmError(f"--max-seq-len must be positive, got {max_seq_len}")
+    if prefill_chunk < 1:
+        raise DllmError(f"prefill chunk must be positive, got {prefill_chunk}")
+
+
+def _read_header(path):
+    with ModelFile(path) as mf:
+        return mf.config.to_dict(), mf.quant
+
+
+def _read_local(path, entries):
+    with ModelFile(path) as mf:
+        return {key: mf.read(name, rows) for key, name, rows in entries}
+
+
+def _load_tokenizer(path, tokenizer_path, config):
+    if tokenizer_path is not None:
+        tok = Tokenizer.from_file(tokenizer_path)
+    else:
+        with ModelFile(path) as mf:
+            embedded = mf.tokenizer()
+        if embedded is None:
+            return None
+        tok = Tokenizer(*embedded)
+    if tok.vocab_size != config.vocab_size:
+        raise DllmError(f"tokenizer has {tok.vocab_size} tokens but the model's vocabulary "
+                        f"is {config.vocab_size}")
+    return tok
+
+
+def _weights_from_root(comm, path, config, shards):
+    """Root reads every rank's slices and sends them; returns this rank's weights."""
+    if comm.is_root:
+        with ModelFile(path) as mf:
+            for rank in range(1, comm.size):
+                entries = local_tensors(config, shards[rank], False)
+                for key, name, rows in entries:
+                    array = mf.read(name, rows)
+                    comm.mpi.send((array.shape, array.dtype.str), dest=rank, tag=1)
+                    comm.send_array(array, rank, tag=2)
+            return {key: mf.read(name, rows) for key, name, rows in
+                    local_tensors(config, shards[0], True)}
+    weights = {}
+    for key, name, rows in local_tensors(config, shards[comm.rank], False):
+        shape, dtype = comm.mpi.recv(source=0, tag=1)
+        weights[key] = comm.recv_array(shape, np.dtype(dtype), source=0, tag=2)
+    return weights
+
+
+def load(path, comm=None, sync="q80", max_seq_len=None, weights_from="file",
+         tokenizer=None, prefill_chunk=64):
+    """Load a dllm HDF5 model over the ranks of `comm`; collective (every rank calls it).
+
+    comm: None (COMM_WORLD), an mpi4py communicator or a dllm Comm. sync: activation payload,
+    "q80" or "f32". max_seq_len: context to allocate (default: the model's). weights_from:
+    "file" (each rank reads its own slices) or "root". tokenizer: path of a SentencePiece
+    model overriding the embedded one. Raises DllmError on every rank for bad input.
+    """
+    from .comm import Comm
+    comm = Comm.wrap(comm)
+    check_options(sync, weights_from, max_seq_len, prefill_chunk)
+    config_dict, _ = comm.from_root(_read_header, path)
+    config = ModelConfig.from_dict(config_dict)
+    if max_seq_len is not None and max_seq_len > config.max_seq_len:
+        raise DllmError(f"--max-seq-len {max_seq_len} exceeds the model's context of "
+                        f"{config.max_seq_len}")
+    shards = plan(config, comm.size)           # raises on every rank when it cannot split
+    tok = comm.root_only(_load_tokenizer, path, tokenizer, config)
+    if weights_from == "file":
+        weights = comm.agree(_read_local, path,
+                             local_tensors(config, shards[comm.rank], comm.is_root))
+    else:
+        weights = _weights_from_root(comm, path, config, shards)
+    return Model(comm, config, shards[comm.rank], weights, sync=sync, max_seq_len=max_seq_len,
+                 prefill_chunk=prefill_chunk, tokenizer=tok, path=str(path))

@@ -1,0 +1,196 @@
+"""The tensor-parallel Llama forward pass (Tadych 2024, Distributed Llama; scheme "slices").
+
+One token through the system; T tokens move together as a (T, ...) block, bytes below per
+token and layer (n ranks; Q80 carries 32 values in 34 bytes; f32 in 128):
+
+| step                                            | who            | communication                       |
+|-------------------------------------------------|----------------|-------------------------------------|
+| id -> x (dim)                                   | root           | Bcast x (dim float32)               |
+| rmsnorm; local q, k, v rows; RoPE; KV cache     | every rank     | -                                   |
+| attention over local heads                      | every rank     | Allgather attention output (dim)    |
+| wo slice                                        | every rank     | Allgather (dim); residual add       |
+| rmsnorm; w1, w3 slices; SwiGLU                  | every rank     | Allgather hidden (hidden_dim)       |
+| w2 slice                                        | every rank     | Allgather (dim); residual add       |
+| final norm; classifier slice                    | every rank     | Gather logits to root (vocab f32)   |
+| logits -> next id                               | root (sampler) | Bcast id                            |
+
+Per layer each rank receives (n-1)/n of (dim + dim + hidden_dim + dim) values. Norms and
+residual adds are replicated: every rank decodes the same gathered bytes, so the residual
+stream is bit-identical on all ranks.
+"""
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import DllmError
+from .kernels import attention, matmul, rmsnorm, rope, rope_tables, swiglu
+from .quant import dequantize_q40
+from .sync import SliceExchange
+
+LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+@dataclass
+class ForwardRecord:
+    """What one forward call cost on this rank."""
+    tokens: int
+    pos: int
+    seconds: float
+    sync_seconds: float
+    bytes_sent: int
+    bytes_received: int
+
+
+@dataclass
+class RunState:
+    """Buffers allocated once per model: this rank's KV cache (its own kv heads only)."""
+    k_cache: np.ndarray  # (n_layers, local kv heads, max_seq_len, head_dim) float32
+    v_cache: np.ndarray
+    residual: np.ndarray = None  # (T, dim) residual stream after the last forward
+    trace: list = field(default_factory=list)
+
+
+class Model:
+    """A Llama model distributed over the ranks of `comm`; built by ``dllm.load``.
+
+    weights: this rank's stored arrays keyed by dataset name ("layers/3/wq", "norm", ...;
+    "output" is this rank's classifier rows; "tok_embeddings" exists on root only). A uint8
+    array is Q4_0 bytes, a float32 one is f32.
+    """
+
+    def __init__(self, comm, config, shard, weights, sync="q80", max_seq_len=None,
+                 prefill_chunk=64, tokenizer=None, path=None):
+        self.comm, self.config, self.shard = comm, config, shard
+        self.sync, self.prefill_chunk, self.tokenizer, self.path = sync, prefill_chunk, tokenizer, path
+        self.max_seq_len = max_seq_len or config.max_seq_len
+        self.weights = weights
+        self.layers = [{name: weights[f"layers/{i}/{name}"]
+                        for name in LAYER_MATRICES + ("attention_norm", "ffn_norm")}
+                       for i in range(config.n_layers)]
+        from .shard import plan, slice_sizes
+        shards = plan(config, comm.size)
+        self.exchange_attention = SliceExchange(slice_sizes(shards, "attention"), sync)
+        self.exchange_dim = SliceExchange(slice_sizes(shards, "dim"), sync)
+        self.exchange_hidden = SliceExchange(slice_sizes(shards, "hidden"), sync)
+        self.vocab_widths = slice_sizes(shards, "vocab")
+        # Query head h reads kv head h // q_per_kv; index it within this rank's cache.
+        heads = np.arange(*shard.heads)
+        self.head_kv = heads // config.q_per_kv - shard.kv_heads[0]
+        self.rope_cos, self.rope_sin = rope_tables(config.head_dim, self.max_seq_len,
+                                                   config.rope_theta)
+        cache_shape = (config.n_layers, shard.n_kv_heads, self.max_seq_len, config.head_dim)
+        self.state = RunState(np.zeros(cache_shape, np.float32), np.zeros(cache_shape, np.float32))
+
+    # --- the forward pass ---------------------------------------------------------------
+    def forward(self, tokens, pos, logits="last"):
+        """Run tokens (T,) at positions pos..pos+T-1 through the model, filling the KV cache.
+
+        Every rank calls with the same tokens. logits: "last" (1, vocab), "all" (T, vocab) or
+        None; returned on root (float32), None on other ranks and when logits is None.
+        """
+        c, shard, comm, eps = self.config, self.shard, self.comm, self.config.norm_eps
+        T, hd = len(tokens), c.head_dim
+        if pos + T > self.max_seq_len:
+            raise DllmError(f"sequence of {pos + T} tokens exceeds the context of "
+                            f"{self.max_seq_len}")
+        started, before = time.perf_counter(), comm.stats.snapshot()
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+
+        x = np.empty((T, c.dim), dtype=np.float32)                  # residual stream
+        if comm.is_root:
+            x[:] = self.embed(tokens)
+        comm.bcast_array(x)                                          # Bcast x
+
+        for layer, w in enumerate(self.layers):
+            k_cache, v_cache = self.state.k_cache[layer], self.state.v_cache[layer]
+            # attention block: this rank's query heads and the kv heads they read
+            xb = rmsnorm(x, w["attention_norm"], eps)
+            q = rope(self.mm(xb, w["wq"]).reshape(T, shard.n_heads, hd), cos, sin)
+            k = rope(self.mm(xb, w["wk"]).reshape(T, shard.n_kv_heads, hd), cos, sin)
+            v = self.mm(xb, w["wv"]).reshape(T, shard.n_kv_heads, hd)
+            k_cache[:, pos:pos + T] = k.transpose(1, 0, 2)
+            v_cache[:, pos:pos + T] = v.transpose(1, 0, 2)
+            att = attention(q, k_cache, v_cache, pos, self.head_kv)   # (T, local heads * hd)
+            att = comm.allgather_slices(att, self.exchange_attention)  # Allgather -> (T, dim)
+            o = self.mm(att, w["wo"])                                  # (T, local dim rows)
+            x = x + comm.allgather_slices(o, self.exchange_dim)        # Allgather; residual
+
+            # feed-forward block: this rank's hidden units
+            xb = rmsnorm(x, w["ffn_norm"], eps)
+            h = swiglu(self.mm(xb, w["w1"]), self.mm(xb, w["w3"]))     # (T, local hidden)
+            h = comm.allgather_slices(h, self.exchange_hidden)         # Allgather -> (T, hidden)
+            f = self.mm(h, w["w2"])                                    # (T, local dim rows)
+            x = x + comm.allgather_slices(f, self.exchange_dim)        # Allgather; residual
+
+        self.state.residual = x
+        result = None
+        if logits is not None:
+            final = rmsnorm(x if logits == "all" else x[-1:], self.weights["norm"], eps)
+            local_logits = self.mm(final, self.weights["output"])     # (rows, local vocab)
+            result = comm.gather_rows(local_logits, self.vocab_widths)  # Gather -> root
+        spent = comm.stats.since(before)
+        self.state.trace.append(ForwardRecord(T, pos, time.perf_counter() - started,
+                                              spent.sync_seconds, spent.bytes_sent,
+                                              spent.bytes_received))
+        return result
+
+    def mm(self, x, w):
+        return matmul(x, w, "q40" if w.dtype == np.uint8 else "f32")
+
+    def embed(self, tokens):
+        """Root only: rows of the token embedding, (T, dim) float32."""
+        table = self.weights["tok_embeddings"]
+        rows = table[np.asarray(tokens, dtype=np.int64)]
+        return dequantize_q40(rows) if table.dtype == np.uint8 else rows
+
+    # --- library API --------------------------------------------------------------------
+    def _bcast_ids(self, token_ids):
+        ids = self.comm.bcast(None if token_ids is None or not self.comm.is_root
+                              else [int(t) for t in token_ids])
+        if not ids:
+            raise DllmError("no tokens given")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise DllmError(f"token id {bad[0]} is outside the vocabulary of "
+                            f"{self.config.vocab_size}")
+        if len(ids) > self.max_seq_len:
+            raise DllmError(f"prompt of {len(ids)} tokens does not fit the context of "
+                            f"{self.max_seq_len} tokens (see --max-seq-len)")
+        return ids
+
+    def _prefill(self, ids, logits):
+        """Forward ids from position 0 in chunks of prefill_chunk (matrix-matrix kernels)."""
+        outputs = []
+        for start in range(0, len(ids), self.prefill_chunk):
+            chunk = ids[start:start + self.prefill_chunk]
+            last = start + len(chunk) == len(ids)
+            out = self.forward(chunk, start, logits if logits == "all" or last else None)
+            if out is not None:
+                outputs.append(out)
+        return np.concatenate(outputs) if outputs else None
+
+    def logits(self, token_ids):
+        """Float32 logits (T, vocab) for every position of token_ids, on root; None elsewhere.
+
+        Collective: every rank calls it; root's token_ids are used. Starts from position 0.
+        """
+        return self._prefill(self._bcast_ids(token_ids), "all")
+
+    def generate(self, prompt_ids, steps, sampler, stop_at_eos=True):
+        """Yield new token ids (on every rank), at most `steps` of them or until the context
+        is full; stops after EOS when stop_at_eos. Collective: every rank iterates it."""
+        ids = self._bcast_ids(prompt_ids)
+        steps = min(steps, self.max_seq_len - len(ids) + 1)
+        logits = self._prefill(ids, "last")
+        pos = len(ids)
+        token_buffer = np.zeros(1, dtype=np.int64)
+        for produced in range(1, steps + 1):
+            if self.comm.is_root:
+                token_buffer[0] = sampler.sample(logits[-1])
+            token = int(self.comm.bcast_array(token_buffer)[0])         # Bcast id
+            yield token
+            if produced == steps or (stop_at_eos and token == self.config.eos_id):
+                return
+            logits = self.forward([token], pos)
+            pos += 1

@@ -1,0 +1,214 @@
+"""HDF5 model format v1 (specified in docs/format.md): writing (converters) and reading (ranks).
+
+Layout:
+    /                     attrs: format="dllm", format_version=1, quant, and every ModelConfig field
+    /tokenizer            uint8 [n] serialized tokenizer (attr kind="sentencepiece"), optional
+    /tok_embeddings       [vocab, dim]          (root only)
+    /output               [vocab, dim]          absent when tie_embeddings (tok_embeddings serves)
+    /norm                 [dim] float32
+    /layers/<i>/attention_norm, ffn_norm        [dim] float32
+    /layers/<i>/wq [dim, dim]  wk, wv [kv_dim, dim]  wo [dim, dim]
+    /layers/<i>/w1, w3 [hidden, dim]  w2 [dim, hidden]
+
+A matrix [rows, cols] is stored either as float32 [rows, cols] (attr quant="f32") or as Q4_0
+bytes uint8 [rows, cols/32*18] (attr quant="q40"); attr ``shape`` keeps the logical shape.
+Datasets are contiguous (no chunks, no filters), so a rank reads rows [a, b) of a matrix with
+one contiguous hyperslab read and gets exactly the bytes its kernel consumes.
+Only converters write; ranks open the file read-only.
+"""
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .config import ModelConfig
+from .errors import ModelFileError
+from .quant import Q40_BLOCK_BYTES, quantize_q40
+
+FORMAT_NAME = "dllm"
+FORMAT_VERSION = 1
+QUANTS = ("q40", "f32")
+NORMS = ("attention_norm", "ffn_norm")
+LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+def layer_name(layer, name):
+    return f"layers/{layer}/{name}"
+
+
+def tensor_shapes(config):
+    """Logical float shape of every tensor the file must hold, keyed by dataset name."""
+    c = config
+    shapes = {"tok_embeddings": (c.vocab_size, c.dim), "norm": (c.dim,)}
+    if not c.tie_embeddings:
+        shapes["output"] = (c.vocab_size, c.dim)
+    per_layer = {"attention_norm": (c.dim,), "ffn_norm": (c.dim,),
+                 "wq": (c.dim, c.dim), "wk": (c.kv_dim, c.dim), "wv": (c.kv_dim, c.dim),
+                 "wo": (c.dim, c.dim), "w1": (c.hidden_dim, c.dim), "w2": (c.dim, c.hidden_dim),
+                 "w3": (c.hidden_dim, c.dim)}
+    for layer in range(c.n_layers):
+        for name, shape in per_layer.items():
+            shapes[layer_name(layer, name)] = shape
+    return shapes
+
+
+def stored_shape(shape, quant):
+    """Shape and dtype of a tensor as stored: Q4_0 rows become cols/32*18 bytes."""
+    if quant == "q40":
+        return (shape[0], shape[1] // 32 * Q40_BLOCK_BYTES), np.dtype(np.uint8)
+    return tuple(shape), np.dtype(np.float32)
+
+
+def tensor_quant(shape, quant):
+    """Norm vectors are always float32; matrices take the model's quant."""
+    return "f32" if len(shape) == 1 else quant
+
+
+def write_model(path, config, tensors, quant="q40", tokenizer=None, metadata=None):
+    """Write a model file atomically: into a temporary file beside `path`, renamed at the end.
+
+    tensors: iterable of (name, float array of the logical shape), each name of
+    ``tensor_shapes(config)`` exactly once, in any order; consumed one at a time, so memory
+    stays bounded by the largest tensor. tokenizer: (kind, bytes) or None.
+    metadata: extra string attributes (source, converter options).
+    """
+    if quant not in QUANTS:
+        raise ValueError(f"unknown quant {quant!r}; use one of {QUANTS}")
+    config.check()
+    path = Path(path)
+    shapes = tensor_shapes(config)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT_NAME
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["quant"] = quant
+            for key, value in config.to_dict().items():
+                f.attrs[key] = value
+            for key, value in (metadata or {}).items():
+                f.attrs[f"meta_{key}"] = str(value)
+            if tokenizer is not None:
+                kind, blob = tokenizer
+                ds = f.create_dataset("tokenizer", data=np.frombuffer(blob, dtype=np.uint8))
+                ds.attrs["kind"] = kind
+            written = set()
+            for name, array in tensors:
+                if name not in shapes:
+                    raise ValueError(f"unexpected tensor {name}")
+                if name in written:
+                    raise ValueError(f"tensor {name} given twice")
+                _write_tensor(f, name, np.asarray(array), shapes[name], quant)
+                written.add(name)
+            missing = sorted(set(shapes) - written)
+            if missing:
+                raise ValueError(f"tensors missing: {', '.join(missing[:5])}")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_tensor(f, name, array, shape, quant):
+    if array.shape != shape:
+        raise ValueError(f"{name} has shape {array.shape}, expected {shape}")
+    kind = tensor_quant(shape, quant)
+    if kind == "q40" and shape[1] % 32:
+        raise ValueError(f"{name}: {shape[1]} columns are not whole 32-value Q4_0 blocks")
+    sshape, dtype = stored_shape(shape, kind)
+    ds = f.create_dataset(name, shape=sshape, dtype=dtype)  # contiguous, unfiltered
+    rows_per_step = max(1, (1 << 22) // max(1, shape[-1]))  # quantize ~4M values at a time
+    for r0 in range(0, shape[0], rows_per_step):
+        chunk = np.asarray(array[r0:r0 + rows_per_step], dtype=np.float32)
+        ds[r0:r0 + rows_per_step] = quantize_q40(chunk) if kind == "q40" else chunk
+    ds.attrs["quant"] = kind
+    ds.attrs["shape"] = shape
+
+
+class ModelFile:
+    """A model file opened read-only and validated before anyone reads a weight.
+
+    Every check that can fail raises ModelFileError with one clear line: missing file, not
+    HDF5, truncated, wrong format name or version, bad config, missing or misshapen tensor.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelFileError(f"model file not found: {self.path}")
+        try:
+            self.h5 = h5py.File(self.path, "r")
+        except OSError as exc:
+            reason = str(exc).split("(")[-1].rstrip(")")
+            if "truncated" in str(exc):
+                raise ModelFileError(f"model file is truncated: {self.path} ({reason})") from None
+            raise ModelFileError(f"not an HDF5 model file: {self.path} ({reason})") from None
+        try:
+            self._validate()
+        except BaseException:
+            self.h5.close()
+            raise
+
+    def _validate(self):
+        attrs = self.h5.attrs
+        if _text(attrs.get("format")) != FORMAT_NAME:
+            raise ModelFileError(f"{self.path} is HDF5 but not a dllm model file "
+                                 f"(format attribute {_text(attrs.get('format'))!r})")
+        version = attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ModelFileError(f"{self.path} has model format version {version}; this dllm "
+                                 f"reads version {FORMAT_VERSION}: reconvert it with dllm.convert")
+        self.quant = _text(attrs.get("quant"))
+        if self.quant not in QUANTS:
+            raise ModelFileError(f"{self.path}: unknown quant {self.quant!r}")
+        self.config = ModelConfig.from_dict(dict(attrs))
+        file_size = os.path.getsize(self.path)
+        for name, shape in tensor_shapes(self.config).items():
+            if name not in self.h5:
+                raise ModelFileError(f"{self.path}: tensor {name} is missing")
+            ds = self.h5[name]
+            kind = _text(ds.attrs.get("quant"))
+            if kind not in QUANTS or (len(shape) == 2 and kind == "q40" and shape[1] % 32):
+                raise ModelFileError(f"{self.path}: tensor {name} has bad quant {kind!r}")
+            sshape, dtype = stored_shape(shape, kind)
+            if ds.shape != sshape or ds.dtype != dtype:
+                raise ModelFileError(f"{self.path}: tensor {name} is {ds.dtype}{list(ds.shape)}, "
+                                     f"expected {dtype}{list(sshape)} for this config")
+            offset = ds.id.get_offset()
+            if ds.chunks is not None or offset is None:
+                raise ModelFileError(f"{self.path}: tensor {name} is not stored contiguously")
+            if offset + ds.id.get_storage_size() > file_size:
+                raise ModelFileError(f"model file is truncated: {self.path} "
+                                     f"(tensor {name} ends past the end of the file)")
+
+    def tensor_quant(self, name):
+        return _text(self.h5[name].attrs["quant"])
+
+    def read(self, name, rows=None):
+        """Stored array of `name` (uint8 Q4_0 bytes or float32), rows [a, b) if given:
+        one contiguous hyperslab read."""
+        ds = self.h5[name]
+        return ds[()] if rows is None else ds[rows[0]:rows[1]]
+
+    def tokenizer(self):
+        """(kind, bytes) of the embedded tokenizer, or None."""
+        if "tokenizer" not in self.h5:
+            return None
+        ds = self.h5["tokenizer"]
+        return _text(ds.attrs.get("kind")), ds[()].tobytes()
+
+    def metadata(self):
+        return {k[5:]: _text(v) for k, v in self.h5.attrs.items() if k.startswith("meta_")}
+
+    def close(self):
+        self.h5.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else value

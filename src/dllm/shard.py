@@ -1,0 +1,117 @@
+"""The sharding plan: which rows of every weight matrix each rank owns.
+
+A pure function of (config, world size); tests loop over ranks in one process.
+
+| weight            | split (scheme "slices")                  | rank r holds                         |
+|-------------------|------------------------------------------|--------------------------------------|
+| wq                | by query head                            | rows of heads [h0, h1)               |
+| wk, wv            | by the kv heads its query heads read     | rows of kv heads [k0, k1) (may repeat on ranks that share a kv head) |
+| wo, w2            | by output rows (dim), in 32-row blocks    | rows [d0, d1)                        |
+| w1, w3            | by hidden units, in 32-unit blocks        | rows [f0, f1)                        |
+| output (classifier)| by vocabulary rows                       | rows [v0, v1)                        |
+| norms             | replicated                               | all                                  |
+| tok_embeddings    | root only                                | all                                  |
+
+Every split is a contiguous range of rows, so a rank reads its slice of a matrix with one
+contiguous HDF5 hyperslab. Splits of dim and hidden follow 32-value blocks so that each rank's
+Q80 payload is whole blocks whenever the sizes allow; a remainder goes to the last ranks
+(uneven splits are exchanged with Allgatherv). More ranks than kv heads work: ranks whose
+query heads share a kv head each compute their own copy of that head's keys and values
+(as vLLM does), which costs memory and compute but no communication.
+"""
+from dataclasses import dataclass
+
+from .errors import DllmError
+
+BLOCK = 32  # values per Q80 block: the unit in which dim and hidden are split
+
+
+def block_split(n_units, size):
+    """Split range(n_units) into `size` contiguous (start, stop) ranges; earlier ranges get
+    the extra units (the mpi4py-fft block distribution)."""
+    base, extra = divmod(n_units, size)
+    bounds = [r * base + min(r, extra) for r in range(size + 1)]
+    return [(bounds[r], bounds[r + 1]) for r in range(size)]
+
+
+def blocked_rows(n_rows, size, unit=BLOCK):
+    """Split n_rows into `size` ranges made of whole `unit`-row blocks (the last block may be
+    short when n_rows is not a multiple of unit)."""
+    n_blocks = -(-n_rows // unit)
+    return [(min(a * unit, n_rows), min(b * unit, n_rows)) for a, b in block_split(n_blocks, size)]
+
+
+@dataclass(frozen=True)
+class RankShard:
+    """The rows one rank owns. Ranges are half-open (start, stop)."""
+    rank: int
+    size: int
+    heads: tuple        # query heads
+    kv_heads: tuple     # kv heads read by those query heads
+    dim_rows: tuple     # rows of wo and w2
+    hidden_rows: tuple  # rows of w1 and w3
+    vocab_rows: tuple   # rows of the classifier
+    head_dim: int
+
+    @property
+    def q_rows(self):
+        """Rows of wq, also this rank's columns of the attention output."""
+        return (self.heads[0] * self.head_dim, self.heads[1] * self.head_dim)
+
+    @property
+    def kv_rows(self):
+        return (self.kv_heads[0] * self.head_dim, self.kv_heads[1] * self.head_dim)
+
+    @property
+    def n_heads(self):
+        return self.heads[1] - self.heads[0]
+
+    @property
+    def n_kv_heads(self):
+        return self.kv_heads[1] - self.kv_heads[0]
+
+    def rows(self, name):
+        """Row range of the named weight (Llama vocabulary) held by this rank."""
+        return {"wq": self.q_rows, "wk": self.kv_rows, "wv": self.kv_rows,
+                "wo": self.dim_rows, "w2": self.dim_rows,
+                "w1": self.hidden_rows, "w3": self.hidden_rows,
+                "output": self.vocab_rows}[name]
+
+
+def check_world_size(config, size):
+    """Raise DllmError, naming the numbers, when `size` ranks cannot split the model."""
+    if size < 1:
+        raise DllmError(f"world size must be at least 1, got {size}")
+    if size > config.n_heads:
+        raise DllmError(
+            f"cannot split {config.n_heads} query heads over {size} ranks: "
+            f"this model runs on at most {config.n_heads} ranks")
+
+
+def plan(config, size):
+    """The shard of every rank, a list indexed by rank."""
+    check_world_size(config, size)
+    g = config.q_per_kv
+    shards = []
+    for rank, ((h0, h1), dim_rows, hidden_rows, vocab_rows) in enumerate(zip(
+            block_split(config.n_heads, size),
+            blocked_rows(config.dim, size),
+            blocked_rows(config.hidden_dim, size),
+            block_split(config.vocab_size, size))):
+        kv_heads = (h0 // g, (h1 - 1) // g + 1)
+        shards.append(RankShard(rank, size, (h0, h1), kv_heads, dim_rows, hidden_rows,
+                                vocab_rows, config.head_dim))
+    return shards
+
+
+def shard_for(config, rank, size):
+    """This rank's shard: the pure function of (config, rank, size)."""
+    return plan(config, size)[rank]
+
+
+def slice_sizes(shards, name):
+    """Per-rank widths of the slice each rank contributes to the Allgather after `name`:
+    'attention' (attention output), 'dim' (wo/w2 outputs), 'hidden' (SwiGLU output)."""
+    pick = {"attention": lambda s: s.q_rows, "dim": lambda s: s.dim_rows,
+            "hidden": lambda s: s.hidden_rows, "vocab": lambda s: s.vocab_rows}[name]
+    return [pick(s)[1] - pick(s)[0] for s in shards]

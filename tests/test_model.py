@@ -1,0 +1,125 @@
+"""The distributed forward pass against an independent reference and against one rank.
+
+Collective (marked mpi): run serially on one rank and under mpirun -n 2 / -n 4.
+"""
+import numpy as np
+import pytest
+
+import dllm
+from dllm.comm import Comm
+from dllm.quant import dequantize_q40, quantize_q40
+from dllm.sampler import Sampler
+
+from conftest import CONFIGS, WORLD, all_ranks, make_model, random_weights
+from reference import reference_logits, relative_error
+
+pytestmark = pytest.mark.mpi
+TOKENS = [1, 5, 9, 2, 33, 17, 40, 3, 11, 25, 7]
+
+
+def q40_roundtrip(weights):
+    return {k: dequantize_q40(quantize_q40(v)) if v.ndim == 2 else v for k, v in weights.items()}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_f32_logits_match_independent_reference(model_dir, name):
+    path = make_model(model_dir, name, "f32")
+    model = dllm.load(path, sync="f32", prefill_chunk=4)   # chunks of 4: exercises pos > 0
+    logits = model.logits(TOKENS)
+    ok = True
+    if WORLD.is_root:
+        expected = reference_logits(random_weights(CONFIGS[name], 0), CONFIGS[name], TOKENS)
+        ok = logits.shape == (len(TOKENS), CONFIGS[name].vocab_size) and \
+            relative_error(logits, expected) <= 1e-4
+    assert all_ranks(ok)
+
+
+@pytest.mark.parametrize("name", ["gqa", "tied"])
+def test_q40_logits_match_reference_of_dequantized_weights(model_dir, name):
+    path = make_model(model_dir, name, "q40")
+    logits = dllm.load(path, sync="f32").logits(TOKENS)
+    ok = True
+    if WORLD.is_root:
+        weights = q40_roundtrip(random_weights(CONFIGS[name], 0))
+        ok = relative_error(logits, reference_logits(weights, CONFIGS[name], TOKENS)) <= 1e-4
+    assert all_ranks(ok)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_world_logits_equal_one_rank_logits_f32(model_dir, name):
+    path = make_model(model_dir, name, "q40")
+    world = dllm.load(path, sync="f32").logits(TOKENS)
+    alone = dllm.load(path, Comm.self_comm(), sync="f32").logits(TOKENS)
+    ok = True
+    if WORLD.is_root:
+        ok = relative_error(world, alone) <= 1e-5
+    assert all_ranks(ok)
+
+
+def test_q80_sync_bounded_error_and_same_greedy_tokens(model_dir):
+    path = make_model(model_dir, "gqa", "q40", seed=1)
+    world = dllm.load(path, sync="q80")
+    alone = dllm.load(path, Comm.self_comm(), sync="f32")
+    q80_logits, f32_logits = world.logits(TOKENS), alone.logits(TOKENS)
+    greedy_world = list(world.generate(TOKENS[:3], 20, Sampler(0.0), stop_at_eos=False))
+    greedy_alone = list(alone.generate(TOKENS[:3], 20, Sampler(0.0), stop_at_eos=False))
+    ok = greedy_world == greedy_alone and len(greedy_world) == 20
+    if WORLD.is_root:
+        error = relative_error(q80_logits, f32_logits)
+        ok = ok and 0 < error <= 0.05
+    assert all_ranks(ok)
+
+
+def test_residual_stream_identical_on_every_rank(model_dir):
+    path = make_model(model_dir, "gqa", "q40")
+    for sync in ("q80", "f32"):
+        model = dllm.load(path, sync=sync)
+        model.logits(TOKENS)
+        residuals = WORLD.allgather(model.state.residual.tobytes())
+        assert all(r == residuals[0] for r in residuals)
+
+
+def test_same_seed_same_text_at_any_world_size(model_dir):
+    path = make_model(model_dir, "gqa", "q40")
+    world = dllm.load(path, sync="f32")
+    alone = dllm.load(path, Comm.self_comm(), sync="f32")
+    runs = [list(m.generate([1, 4], 24, Sampler(1.0, 0.95, seed=7), stop_at_eos=False))
+            for m in (world, alone)]
+    again = list(alone.generate([1, 4], 24, Sampler(1.0, 0.95, seed=7), stop_at_eos=False))
+    other = list(alone.generate([1, 4], 24, Sampler(1.0, 0.95, seed=8), stop_at_eos=False))
+    assert all_ranks(runs[0] == runs[1] == again and other != again)
+
+
+def test_weights_from_root_equal_weights_from_file(model_dir):
+    path = make_model(model_dir, "gqa", "q40")
+    from_file = dllm.load(path, sync="f32")
+    from_root = dllm.load(path, sync="f32", weights_from="root")
+    same = all(np.array_equal(from_file.weights[k], from_root.weights[k]) for k in from_file.weights)
+    logits = [from_file.logits(TOKENS), from_root.logits(TOKENS)]
+    assert all_ranks(same and set(from_file.weights) == set(from_root.weights)
+                     and (not WORLD.is_root or np.array_equal(*logits)))
+
+
+def test_decode_one_token_at_a_time_equals_block_forward(model_dir):
+    path = make_model(model_dir, "mha", "f32")
+    model = dllm.load(path, sync="f32")
+    block = model.logits(TOKENS)
+    steps = [model.forward([t], pos, logits="last") for pos, t in enumerate(TOKENS)]
+    ok = True
+    if WORLD.is_root:
+        ok = relative_error(np.concatenate(steps), block) <= 1e-5
+    assert all_ranks(ok)
+
+
+def test_bytes_per_token_equal_the_formula(model_dir):
+    """Per layer each rank receives (n-1)/n of (dim + dim + hidden + dim) values as Q80
+    (exactly so summed over ranks; per rank when the splits are even)."""
+    path = make_model(model_dir, "gqa", "q40")
+    cfg, n = CONFIGS["gqa"], WORLD.size
+    model = dllm.load(path, sync="q80")
+    model.forward([3], 0, logits=None)
+    before = model.comm.stats.snapshot()
+    model.forward([4], 1, logits=None)
+    received = model.comm.stats.since(before).bytes_received
+    total = cfg.n_layers * (3 * cfg.dim + cfg.hidden_dim) // 32 * 34 * (n - 1) + (n - 1) * cfg.dim * 4
+    assert all_ranks(sum(WORLD.allgather(received)) == total)
