@@ -14,8 +14,8 @@ from .quant import Q40_BLOCK_BYTES, dequantize_q40
 # Q4_0 byte -> its two 4-bit codes minus 8: [low nibble (element j), high nibble (element j+16)].
 _Q40_LUT = np.stack([(np.arange(256) & 15) - 8, (np.arange(256) >> 4) - 8], axis=1).astype(np.float32)
 
-# Rows of a Q4_0 matrix dequantized per step: bounds the float32 scratch at ~1 MB per 4096 inputs.
-TILE_WEIGHTS = 1 << 18
+# Weights unpacked per step: bounds the float32 scratch (512 KB) so that it stays in cache.
+TILE_WEIGHTS = 1 << 17
 
 
 def matmul(x, w, quant):
@@ -26,26 +26,34 @@ def matmul(x, w, quant):
 def matmul_q40(x, w_q40):
     """x (T, n) float32 times a Q4_0 matrix (rows, n/32*18) uint8 transposed -> (T, rows) float32.
 
-    The matrix stays Q4_0 in memory; tiles of rows are dequantized into float32 scratch and
-    multiplied with BLAS. The lookup table yields each block's values in interleaved order
-    (j, j+16, j+1, j+17, ...), so x is permuted once to match instead of reordering weights.
+    The matrix stays Q4_0 in memory; tiles of rows are unpacked into float32 scratch. The
+    lookup table yields each block's values in interleaved order (j, j+16, j+1, j+17, ...), so
+    x is permuted once to match instead of reordering weights. Decoding (T = 1) sums per-block
+    dot products times the block scales; prefill (T > 1) scales the tile and calls BLAS gemm,
+    which amortizes the unpacking over the T tokens.
     """
     T, n = x.shape
     rows, row_bytes = w_q40.shape
     nb = row_bytes // Q40_BLOCK_BYTES
     if nb * 32 != n:
         raise ValueError(f"input width {n} does not match a Q4_0 matrix of {nb} blocks per row")
-    blocks = w_q40.reshape(rows, nb, Q40_BLOCK_BYTES)
     x_lanes = np.ascontiguousarray(
         x.reshape(T, nb, 2, 16).transpose(0, 1, 3, 2).reshape(T, n), dtype=np.float32)
     out = np.empty((T, rows), dtype=np.float32)
     tile = max(1, TILE_WEIGHTS // n)
     for r0 in range(0, rows, tile):
-        b = blocks[r0:r0 + tile]
-        scales = np.ascontiguousarray(b[:, :, :2]).view(np.float16).astype(np.float32)
-        values = _Q40_LUT[b[:, :, 2:]]                      # (r, nb, 16, 2)
-        values *= scales[:, :, :, None]                     # scales (r, nb, 1) per block
-        out[:, r0:r0 + len(b)] = x_lanes @ values.reshape(len(b), n).T
+        w = w_q40[r0:r0 + tile]
+        r = len(w)
+        codes = np.ascontiguousarray(w.reshape(r, nb, Q40_BLOCK_BYTES)[:, :, 2:])
+        values = np.take(_Q40_LUT, codes, axis=0).reshape(r, nb, 32)   # codes - 8
+        # The f16 scale is the first 2 of every 18 bytes: every 9th uint16 of the row.
+        scales = w.view(np.uint16)[:, ::9].view(np.float16).astype(np.float32)  # (r, nb)
+        if T == 1:
+            block_dots = np.einsum("obk,bk->ob", values, x_lanes.reshape(nb, 32))
+            out[0, r0:r0 + r] = np.einsum("ob,ob->o", block_dots, scales)
+        else:
+            values *= scales[:, :, None]
+            np.matmul(x_lanes, values.reshape(r, n).T, out=out[:, r0:r0 + r])
     return out
 
 
