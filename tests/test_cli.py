@@ -130,3 +130,13 @@ def test_no_mpi_is_one_clear_line():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=TIMEOUT)
     assert_one_clear_error(result, "MPI is not available", "dllm[mpich]")
+
+
+def test_model_path_is_a_directory(tmp_path):
+    assert_one_clear_error(run_generate(2, "--model", tmp_path), "is a directory")
+
+
+def test_stats_json_in_missing_directory_fails_before_the_run(tmp_path):
+    target = tmp_path / "missing" / "stats.json"
+    assert_one_clear_error(run_generate(2, "--stats-json", target), "not a writable directory")
+    assert not target.parent.exists()

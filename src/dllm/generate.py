@@ -5,6 +5,7 @@
 Root streams the text as it is generated, then prints where the time went. Without --model
 the embedded demo model (tinystories-1m, Q40, converted by dllm) is used.
 """
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -62,6 +63,8 @@ def _main(comm, argv):
     if args.steps < 1:
         raise DllmError(f"--steps must be at least 1, got {args.steps}")
     sampler = Sampler(args.temperature, args.top_p, args.seed)
+    if args.stats_json:
+        comm.from_root(check_writable, args.stats_json)
     model = load(args.model or default_model(), comm, sync=args.sync,
                  max_seq_len=args.max_seq_len, weights_from=args.weights_from,
                  tokenizer=args.tokenizer, prefill_chunk=args.prefill_chunk)
@@ -96,6 +99,13 @@ def _main(comm, argv):
         if args.stats_json:
             write_json_atomically(args.stats_json, report)
     return 0
+
+
+def check_writable(path):
+    """Fail before the run, not after it, when the JSON cannot be written."""
+    folder = Path(path).resolve().parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise DllmError(f"cannot write {path}: {folder} is not a writable directory")
 
 
 def _encode(model, prompt):

@@ -7,6 +7,8 @@ Two ways for weights to reach a rank:
 - "root": only root reads the file and sends each rank its slices, for clusters without a
   shared filesystem (as Distributed Llama does).
 """
+import socket
+
 import numpy as np
 
 from .config import ModelConfig
@@ -49,9 +51,16 @@ def _read_header(path):
         return mf.config.to_dict(), mf.quant
 
 
-def _read_local(path, entries):
-    with ModelFile(path) as mf:
-        return {key: mf.read(name, rows) for key, name, rows in entries}
+def _read_local(path, entries, is_root):
+    try:
+        with ModelFile(path) as mf:
+            return {key: mf.read(name, rows) for key, name, rows in entries}
+    except DllmError as exc:
+        if is_root:
+            raise
+        # Root could read it, this rank cannot: most likely no shared filesystem.
+        raise DllmError(f"{exc} (on {socket.gethostname()}; without a shared filesystem "
+                        f"use --weights-from root)") from None
 
 
 def _load_tokenizer(path, tokenizer_path, config):
@@ -109,7 +118,7 @@ def load(path, comm=None, sync="q80", max_seq_len=None, weights_from="file",
     tok = comm.root_only(_load_tokenizer, path, tokenizer, config)
     if weights_from == "file":
         weights = comm.agree(_read_local, path,
-                             local_tensors(config, shards[comm.rank], comm.is_root))
+                             local_tensors(config, shards[comm.rank], comm.is_root), comm.is_root)
     else:
         weights = _weights_from_root(comm, path, config, shards)
     return Model(comm, config, shards[comm.rank], weights, sync=sync, max_seq_len=max_seq_len,

@@ -134,6 +134,8 @@ class ModelFile:
 
     def __init__(self, path):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise ModelFileError(f"{self.path} is a directory, not a model file")
         if not self.path.is_file():
             raise ModelFileError(f"model file not found: {self.path}")
         try:
