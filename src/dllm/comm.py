@@ -76,6 +76,28 @@ class Comm:
                     exchange.bytes_sent(self.rank, T), exchange.bytes_received(self.rank, T))
         return exchange.unpack(received, T, out)
 
+    def alltoall_chunks(self, full, exchange):
+        """Reduce-scatter's first half: column chunk c of every rank's (T, total) array goes
+        to rank c. Returns (size, T, width of this rank's chunk) float32, in rank order."""
+        T = full.shape[0]
+        pieces = [exchange.pack(full[:, exchange.offsets[c]:exchange.offsets[c + 1]], c)
+                  for c in range(self.size)]
+        send_counts = [len(p) for p in pieces]
+        send_displs = np.concatenate([[0], np.cumsum(send_counts)[:-1]]).astype(int).tolist()
+        mine = T * exchange.row_bytes[self.rank]
+        recv_counts = [mine] * self.size
+        recv_displs = [r * mine for r in range(self.size)]
+        received = np.empty(mine * self.size, dtype=np.uint8)
+        sendbuf = np.concatenate(pieces) if pieces else np.empty(0, np.uint8)
+        start = time.perf_counter()
+        self.mpi.Alltoallv([sendbuf, send_counts, send_displs, MPI.BYTE],
+                           [received, recv_counts, recv_displs, MPI.BYTE])
+        self._count(time.perf_counter() - start, sum(send_counts) - send_counts[self.rank],
+                    mine * (self.size - 1))
+        width = exchange.widths[self.rank]
+        one = type(exchange)([width] * self.size, exchange.payload)
+        return one.unpack(received, T).reshape(T, self.size, width).transpose(1, 0, 2)
+
     def bcast_array(self, array):
         """Root's array -> every rank (same shape and dtype preallocated on all ranks)."""
         start = time.perf_counter()

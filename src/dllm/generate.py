@@ -37,6 +37,9 @@ def build_parser(is_root=True):
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--sync", default="q80", choices=("q80", "f32"),
                    help="activation payload between ranks (default q80)")
+    p.add_argument("--sync-scheme", default="slices", choices=("slices", "partials", "reduce"),
+                   help="how ranks combine matmul outputs: Allgather output slices (default), "
+                        "Allgather row-parallel partial sums, or reduce-scatter + Allgather")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="context to allocate, at most the model's (default: the model's)")
     p.add_argument("--weights-from", default="file", choices=("file", "root"),
@@ -67,7 +70,8 @@ def _main(comm, argv):
         comm.from_root(check_writable, args.stats_json)
     model = load(args.model or default_model(), comm, sync=args.sync,
                  max_seq_len=args.max_seq_len, weights_from=args.weights_from,
-                 tokenizer=args.tokenizer, prefill_chunk=args.prefill_chunk)
+                 tokenizer=args.tokenizer, prefill_chunk=args.prefill_chunk,
+                 sync_scheme=args.sync_scheme)
     prompt_ids = comm.from_root(_encode, model, args.prompt)
 
     stream = comm.root_only(_text_stream, model, prompt_ids)

@@ -23,15 +23,29 @@ WEIGHTS_FROM = ("file", "root")
 
 
 def local_tensors(config, shard, is_root):
-    """(key, dataset, rows or None) of every array a rank holds; rows None = whole tensor."""
-    entries = [("tok_embeddings", "tok_embeddings", None)] if is_root else []
+    """(key, dataset, rows, cols) of every array a rank holds; None = all rows / columns."""
+    entries = [("tok_embeddings", "tok_embeddings", None, None)] if is_root else []
     classifier = "tok_embeddings" if config.tie_embeddings else "output"
-    entries += [("output", classifier, shard.vocab_rows), ("norm", "norm", None)]
+    entries += [("output", classifier, shard.vocab_rows, None), ("norm", "norm", None, None)]
     for layer in range(config.n_layers):
         prefix = f"layers/{layer}/"
-        entries += [(prefix + n, prefix + n, None) for n in ("attention_norm", "ffn_norm")]
-        entries += [(prefix + n, prefix + n, shard.rows(n)) for n in LAYER_MATRICES]
+        entries += [(prefix + n, prefix + n, None, None) for n in ("attention_norm", "ffn_norm")]
+        entries += [(prefix + n, prefix + n, shard.rows(n), shard.cols(n))
+                    for n in LAYER_MATRICES]
     return entries
+
+
+def check_scheme(shards, quant):
+    """Row-parallel schemes cut wo and w2 by columns: Q4_0 needs them in whole blocks."""
+    if quant != "q40" or not shards[0].row_parallel:
+        return
+    for s in shards:
+        for a, b in (s.q_rows, s.hidden_rows):
+            if a % 32 or b % 32:
+                raise DllmError(
+                    f"--sync-scheme {s.scheme} with Q40 weights needs each rank's attention "
+                    f"and hidden columns in whole 32-value blocks; rank {s.rank} has "
+                    f"columns {a}..{b} (head_dim {s.head_dim}): use --sync-scheme slices")
 
 
 def check_options(sync, weights_from, max_seq_len, prefill_chunk):
@@ -54,7 +68,7 @@ def _read_header(path):
 def _read_local(path, entries, is_root):
     try:
         with ModelFile(path) as mf:
-            return {key: mf.read(name, rows) for key, name, rows in entries}
+            return {key: mf.read(name, rows, cols) for key, name, rows, cols in entries}
     except DllmError as exc:
         if is_root:
             raise
@@ -84,42 +98,45 @@ def _weights_from_root(comm, path, config, shards):
         with ModelFile(path) as mf:
             for rank in range(1, comm.size):
                 entries = local_tensors(config, shards[rank], False)
-                for key, name, rows in entries:
-                    array = mf.read(name, rows)
+                for key, name, rows, cols in entries:
+                    array = mf.read(name, rows, cols)
                     comm.mpi.send((array.shape, array.dtype.str), dest=rank, tag=1)
                     comm.send_array(array, rank, tag=2)
-            return {key: mf.read(name, rows) for key, name, rows in
+            return {key: mf.read(name, rows, cols) for key, name, rows, cols in
                     local_tensors(config, shards[0], True)}
     weights = {}
-    for key, name, rows in local_tensors(config, shards[comm.rank], False):
+    for key, name, rows, cols in local_tensors(config, shards[comm.rank], False):
         shape, dtype = comm.mpi.recv(source=0, tag=1)
         weights[key] = comm.recv_array(shape, np.dtype(dtype), source=0, tag=2)
     return weights
 
 
 def load(path, comm=None, sync="q80", max_seq_len=None, weights_from="file",
-         tokenizer=None, prefill_chunk=64):
+         tokenizer=None, prefill_chunk=64, sync_scheme="slices"):
     """Load a dllm HDF5 model over the ranks of `comm`; collective (every rank calls it).
 
     comm: None (COMM_WORLD), an mpi4py communicator or a dllm Comm. sync: activation payload,
     "q80" or "f32". max_seq_len: context to allocate (default: the model's). weights_from:
     "file" (each rank reads its own slices) or "root". tokenizer: path of a SentencePiece
-    model overriding the embedded one. Raises DllmError on every rank for bad input.
+    model overriding the embedded one. sync_scheme: "slices" (Allgather of output slices),
+    "partials" (Allgather of row-parallel partial sums) or "reduce" (reduce-scatter by
+    Alltoall, then Allgather). Raises DllmError on every rank for bad input.
     """
     from .comm import Comm
     comm = Comm.wrap(comm)
     check_options(sync, weights_from, max_seq_len, prefill_chunk)
-    config_dict, _ = comm.from_root(_read_header, path)
+    config_dict, quant = comm.from_root(_read_header, path)
     config = ModelConfig.from_dict(config_dict)
     if max_seq_len is not None and max_seq_len > config.max_seq_len:
         raise DllmError(f"--max-seq-len {max_seq_len} exceeds the model's context of "
                         f"{config.max_seq_len}")
-    shards = plan(config, comm.size)           # raises on every rank when it cannot split
+    shards = plan(config, comm.size, sync_scheme)  # raises on every rank when it cannot split
+    check_scheme(shards, quant)
     tok = comm.root_only(_load_tokenizer, path, tokenizer, config)
     if weights_from == "file":
         weights = comm.agree(_read_local, path,
                              local_tensors(config, shards[comm.rank], comm.is_root), comm.is_root)
     else:
         weights = _weights_from_root(comm, path, config, shards)
-    return Model(comm, config, shards[comm.rank], weights, sync=sync, max_seq_len=max_seq_len,
+    return Model(comm, config, shards, weights, sync=sync, max_seq_len=max_seq_len,
                  prefill_chunk=prefill_chunk, tokenizer=tok, path=str(path))

@@ -1,6 +1,8 @@
 """The tensor-parallel Llama forward pass (Tadych 2024, Distributed Llama; scheme "slices").
 
-One token through the system; T tokens move together as a (T, ...) block, bytes below per
+One token through the system (the default scheme; "partials" and "reduce" replace the
+Allgathers before and after wo and w2 by a sum of row-parallel partial sums, see sum_partials).
+T tokens move together as a (T, ...) block, bytes below per
 token and layer (n ranks; Q80 carries 32 values in 34 bytes; f32 in 128):
 
 | step                                            | who            | communication                       |
@@ -26,6 +28,7 @@ import numpy as np
 from .errors import DllmError
 from .kernels import attention, matmul, rmsnorm, rope, rope_tables, swiglu
 from .quant import dequantize_q40
+from .shard import slice_sizes
 from .sync import SliceExchange
 
 LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -59,20 +62,22 @@ class Model:
     array is Q4_0 bytes, a float32 one is f32.
     """
 
-    def __init__(self, comm, config, shard, weights, sync="q80", max_seq_len=None,
+    def __init__(self, comm, config, shards, weights, sync="q80", max_seq_len=None,
                  prefill_chunk=64, tokenizer=None, path=None):
-        self.comm, self.config, self.shard = comm, config, shard
+        shard = shards[comm.rank]
+        self.comm, self.config, self.shard, self.scheme = comm, config, shard, shard.scheme
         self.sync, self.prefill_chunk, self.tokenizer, self.path = sync, prefill_chunk, tokenizer, path
         self.max_seq_len = max_seq_len or config.max_seq_len
         self.weights = weights
         self.layers = [{name: weights[f"layers/{i}/{name}"]
                         for name in LAYER_MATRICES + ("attention_norm", "ffn_norm")}
                        for i in range(config.n_layers)]
-        from .shard import plan, slice_sizes
-        shards = plan(config, comm.size)
         self.exchange_attention = SliceExchange(slice_sizes(shards, "attention"), sync)
         self.exchange_dim = SliceExchange(slice_sizes(shards, "dim"), sync)
         self.exchange_hidden = SliceExchange(slice_sizes(shards, "hidden"), sync)
+        # Row-parallel schemes: every rank's full-width partial sum ("partials"), or one chunk
+        # of dim per rank for the reduce-scatter ("reduce", the dim slices again).
+        self.exchange_partials = SliceExchange([config.dim] * comm.size, sync)
         self.vocab_widths = slice_sizes(shards, "vocab")
         # Query head h reads kv head h // q_per_kv; index it within this rank's cache.
         heads = np.arange(*shard.heads)
@@ -112,16 +117,22 @@ class Model:
             k_cache[:, pos:pos + T] = k.transpose(1, 0, 2)
             v_cache[:, pos:pos + T] = v.transpose(1, 0, 2)
             att = attention(q, k_cache, v_cache, pos, self.head_kv)   # (T, local heads * hd)
-            att = comm.allgather_slices(att, self.exchange_attention)  # Allgather -> (T, dim)
-            o = self.mm(att, w["wo"])                                  # (T, local dim rows)
-            x = x + comm.allgather_slices(o, self.exchange_dim)        # Allgather; residual
+            if self.scheme == "slices":
+                att = comm.allgather_slices(att, self.exchange_attention)  # Allgather -> (T, dim)
+                o = self.mm(att, w["wo"])                                  # (T, local dim rows)
+                x = x + comm.allgather_slices(o, self.exchange_dim)        # Allgather; residual
+            else:  # wo row-parallel: this rank's heads are its input columns
+                x = x + self.sum_partials(self.mm(att, w["wo"]))           # (T, dim); residual
 
             # feed-forward block: this rank's hidden units
             xb = rmsnorm(x, w["ffn_norm"], eps)
             h = swiglu(self.mm(xb, w["w1"]), self.mm(xb, w["w3"]))     # (T, local hidden)
-            h = comm.allgather_slices(h, self.exchange_hidden)         # Allgather -> (T, hidden)
-            f = self.mm(h, w["w2"])                                    # (T, local dim rows)
-            x = x + comm.allgather_slices(f, self.exchange_dim)        # Allgather; residual
+            if self.scheme == "slices":
+                h = comm.allgather_slices(h, self.exchange_hidden)     # Allgather -> (T, hidden)
+                f = self.mm(h, w["w2"])                                # (T, local dim rows)
+                x = x + comm.allgather_slices(f, self.exchange_dim)    # Allgather; residual
+            else:  # w2 row-parallel: this rank's hidden units are its input columns
+                x = x + self.sum_partials(self.mm(h, w["w2"]))         # (T, dim); residual
 
         self.state.residual = x
         result = None
@@ -134,6 +145,20 @@ class Model:
                                               spent.sync_seconds, spent.bytes_sent,
                                               spent.bytes_received))
         return result
+
+    def sum_partials(self, partial):
+        """Add up every rank's (T, dim) partial sum; the same bytes on every rank.
+
+        "partials": Allgather all partial sums (Q80) and add them in rank order.
+        "reduce": Alltoall sends chunk c of every partial sum to rank c, which adds them
+        (reduce-scatter), then Allgather of the summed chunks: a ring all-reduce's bytes.
+        """
+        comm = self.comm
+        if self.scheme == "partials":
+            gathered = comm.allgather_slices(partial, self.exchange_partials)  # (T, n*dim)
+            return gathered.reshape(len(partial), comm.size, -1).sum(axis=1)
+        mine = comm.alltoall_chunks(partial, self.exchange_dim)               # (n, T, chunk)
+        return comm.allgather_slices(mine.sum(axis=0), self.exchange_dim)     # (T, dim)
 
     def mm(self, x, w):
         return matmul(x, w, "q40" if w.dtype == np.uint8 else "f32")

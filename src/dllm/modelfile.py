@@ -186,11 +186,19 @@ class ModelFile:
     def tensor_quant(self, name):
         return _text(self.h5[name].attrs["quant"])
 
-    def read(self, name, rows=None):
-        """Stored array of `name` (uint8 Q4_0 bytes or float32), rows [a, b) if given:
-        one contiguous hyperslab read."""
+    def read(self, name, rows=None, cols=None):
+        """Stored array of `name` (uint8 Q4_0 bytes or float32): rows [a, b) if given (one
+        contiguous hyperslab), columns [c, d) of the logical matrix if given (whole 32-value
+        blocks for Q4_0: bytes c/32*18 to d/32*18 of each row)."""
         ds = self.h5[name]
-        return ds[()] if rows is None else ds[rows[0]:rows[1]]
+        r = slice(None) if rows is None else slice(*rows)
+        if cols is None:
+            return ds[r]
+        if self.tensor_quant(name) == "q40":
+            if cols[0] % 32 or (cols[1] % 32 and cols[1] != self.h5[name].attrs["shape"][1]):
+                raise ModelFileError(f"columns {cols} of {name} are not whole Q4_0 blocks")
+            cols = (cols[0] // 32 * Q40_BLOCK_BYTES, -(-cols[1] // 32) * Q40_BLOCK_BYTES)
+        return ds[r, cols[0]:cols[1]]
 
     def tokenizer(self):
         """(kind, bytes) of the embedded tokenizer, or None."""

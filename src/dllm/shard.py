@@ -12,6 +12,11 @@ A pure function of (config, world size); tests loop over ranks in one process.
 | norms             | replicated                               | all                                  |
 | tok_embeddings    | root only                                | all                                  |
 
+Schemes "partials" and "reduce" split wo and w2 by *input* instead (row-parallel, as Megatron
+and Distributed Llama do): a rank holds all rows of wo for the columns of its own attention
+heads, and all rows of w2 for the columns of its own hidden units, so it needs no Allgather
+before those matmuls; it produces a full-width partial sum that the ranks then add up.
+
 Every split is a contiguous range of rows, so a rank reads its slice of a matrix with one
 contiguous HDF5 hyperslab. Splits of dim and hidden follow 32-value blocks so that each rank's
 Q80 payload is whole blocks whenever the sizes allow; a remainder goes to the last ranks
@@ -52,6 +57,7 @@ class RankShard:
     hidden_rows: tuple  # rows of w1 and w3
     vocab_rows: tuple   # rows of the classifier
     head_dim: int
+    scheme: str = "slices"
 
     @property
     def q_rows(self):
@@ -70,12 +76,25 @@ class RankShard:
     def n_kv_heads(self):
         return self.kv_heads[1] - self.kv_heads[0]
 
+    @property
+    def row_parallel(self):
+        """wo and w2 split by input columns (schemes "partials" and "reduce")."""
+        return self.scheme != "slices"
+
     def rows(self, name):
-        """Row range of the named weight (Llama vocabulary) held by this rank."""
+        """Row range of the named weight (Llama vocabulary) held by this rank; None = all."""
+        if self.row_parallel and name in ("wo", "w2"):
+            return None
         return {"wq": self.q_rows, "wk": self.kv_rows, "wv": self.kv_rows,
                 "wo": self.dim_rows, "w2": self.dim_rows,
                 "w1": self.hidden_rows, "w3": self.hidden_rows,
                 "output": self.vocab_rows}[name]
+
+    def cols(self, name):
+        """Column range held by this rank; None = all columns."""
+        if self.row_parallel and name in ("wo", "w2"):
+            return self.q_rows if name == "wo" else self.hidden_rows
+        return None
 
 
 def check_world_size(config, size):
@@ -88,8 +107,13 @@ def check_world_size(config, size):
             f"this model runs on at most {config.n_heads} ranks")
 
 
-def plan(config, size):
+SCHEMES = ("slices", "partials", "reduce")
+
+
+def plan(config, size, scheme="slices"):
     """The shard of every rank, a list indexed by rank."""
+    if scheme not in SCHEMES:
+        raise DllmError(f"--sync-scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
     check_world_size(config, size)
     g = config.q_per_kv
     shards = []
@@ -100,13 +124,13 @@ def plan(config, size):
             block_split(config.vocab_size, size))):
         kv_heads = (h0 // g, (h1 - 1) // g + 1)
         shards.append(RankShard(rank, size, (h0, h1), kv_heads, dim_rows, hidden_rows,
-                                vocab_rows, config.head_dim))
+                                vocab_rows, config.head_dim, scheme))
     return shards
 
 
-def shard_for(config, rank, size):
+def shard_for(config, rank, size, scheme="slices"):
     """This rank's shard: the pure function of (config, rank, size)."""
-    return plan(config, size)[rank]
+    return plan(config, size, scheme)[rank]
 
 
 def slice_sizes(shards, name):

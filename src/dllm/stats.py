@@ -58,7 +58,7 @@ def conditions(comm, model, **extra):
     return {"world_size": comm.size, "hosts": sorted(set(hosts)) if hosts else None,
             "threads_per_rank": _threads.THREADS, "model": model.path,
             "quant": "q40" if model.weights["layers/0/wq"].dtype == np.uint8 else "f32",
-            "sync": model.sync, "max_seq_len": model.max_seq_len,
+            "sync": model.sync, "sync_scheme": model.scheme, "max_seq_len": model.max_seq_len,
             "prefill_chunk": model.prefill_chunk, "python": platform.python_version(),
             "git_revision": git_revision(), **extra}
 
