@@ -1,0 +1,213 @@
+"""python -m dllm.bench: per-token inference vs sync time, bytes per token, memory per rank.
+
+    mpirun -n 2 python -m dllm.bench --model m.h5 --out results.jsonl
+    mpirun -n 2 python -m dllm.bench --preset llama2-7b --layers 4 --out results.jsonl
+    python -m dllm.bench table results.jsonl [--plot-dir docs/img]
+
+A run warms up, then times a prefill of --prompt-len tokens and --decode-tokens single-token
+steps, with a barrier before each phase. Every rank's figures are gathered to root and
+reported as min/median/max over ranks; one JSON line per run carries them with the run's
+conditions, and `table` turns many lines (a 1/2/4/8-rank sweep) into the paper's table.
+"""
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .cli import ArgumentParser, entry, root_print, run
+from .errors import DllmError
+from .stats import StepTimer, conditions, spread, summarize
+
+PROG = "dllm.bench"
+
+
+def build_parser(is_root=True):
+    p = ArgumentParser(prog=f"python -m {PROG}", is_root=is_root, description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="dllm HDF5 model file")
+    p.add_argument("--preset", help="synthetic model of a real shape instead of --model "
+                   "(llama2-7b, llama2-13b, llama2-70b, llama3-8b, tinyllama-1.1b)")
+    p.add_argument("--layers", type=int, default=None, help="layers of the synthetic model")
+    p.add_argument("--cache-dir", default="/tmp/dllm-synthetic",
+                   help="where synthetic models are written once and reused (shared by ranks)")
+    p.add_argument("--sync", default="q80", choices=("q80", "f32"))
+    p.add_argument("--sync-scheme", default="slices", choices=("slices", "partials", "reduce"))
+    p.add_argument("--weights-from", default="file", choices=("file", "root"))
+    p.add_argument("--prompt-len", type=int, default=64, help="prefill tokens (default 64)")
+    p.add_argument("--prefill-chunk", type=int, default=64)
+    p.add_argument("--decode-tokens", type=int, default=16, help="timed decode steps (default 16)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed decode steps first (default 2)")
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
+    p.add_argument("--out", help="append the run's JSON line to this file")
+    return p
+
+
+def main(argv=None):
+    return run(_main, argv, PROG)
+
+
+def _main(comm, argv):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["table"]:
+        return table_main(comm, argv[1:])
+    from .loading import load
+    args = build_parser(comm.is_root).parse_args(argv)
+    if (args.model is None) == (args.preset is None):
+        raise DllmError("give exactly one of --model and --preset")
+    if min(args.prompt_len, args.decode_tokens) < 1 or args.warmup < 0:
+        raise DllmError("--prompt-len and --decode-tokens must be positive, --warmup >= 0")
+    path = args.model or comm.from_root(synthetic_model, args.preset, args.layers, args.cache_dir)
+    model = load(path, comm, sync=args.sync, sync_scheme=args.sync_scheme,
+                 weights_from=args.weights_from, prefill_chunk=args.prefill_chunk,
+                 max_seq_len=args.max_seq_len)
+    need = args.prompt_len + args.warmup + args.decode_tokens
+    if need > model.max_seq_len:
+        raise DllmError(f"--prompt-len + --warmup + --decode-tokens = {need} exceeds the "
+                        f"context of {model.max_seq_len}")
+    record = measure(comm, model, args)
+    if comm.is_root:
+        record["conditions"].update(preset=args.preset, layers=args.layers)
+        print(json.dumps(record), flush=True)
+        print_row(record, file=sys.stderr)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(record) + "\n")
+    return 0
+
+
+def synthetic_model(preset, layers, cache_dir):
+    """Root: path of the synthetic model of `preset`, written once into cache_dir."""
+    from .converters.synthetic import write_synthetic
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"{preset}{f'-{layers}l' if layers else ''}-q40.h5"
+    if not path.exists():
+        write_synthetic(preset, path, layers=layers)
+    return str(path)
+
+
+def measure(comm, model, args):
+    """Collective: warm-up, prefill, decode; returns the record on root (None elsewhere)."""
+    rng = np.random.default_rng(args.seed)
+    n_tokens = args.prompt_len + args.warmup + args.decode_tokens
+    ids = rng.integers(3, model.config.vocab_size, size=n_tokens).tolist()
+    prompt, rest = ids[:args.prompt_len], ids[args.prompt_len:]
+    model.forward(prompt[:min(len(prompt), args.prefill_chunk)], 0, logits=None)  # warm caches
+
+    timer = StepTimer(comm)
+    comm.barrier()
+    timer.mark()
+    for start in range(0, len(prompt), args.prefill_chunk):
+        chunk = prompt[start:start + args.prefill_chunk]
+        model.forward(chunk, start, logits="last" if start + len(chunk) == len(prompt) else None)
+    timer.lap("prefill", tokens=len(prompt))
+    for step, token in enumerate(rest):
+        if step == args.warmup:
+            comm.barrier()
+            timer.mark()
+        model.forward([token], len(prompt) + step, logits="last")
+        if step >= args.warmup:
+            timer.lap("decode")
+        else:
+            timer.mark()
+
+    memory = {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "weights": int(sum(w.nbytes for w in model.weights.values())),
+              "kv_cache": int(model.state.k_cache.nbytes + model.state.v_cache.nbytes)}
+    memories = comm.gather(memory)
+    summary = summarize(comm, timer)
+    info = conditions(comm, model, weights_from=args.weights_from, prompt_len=args.prompt_len,
+                      decode_tokens=args.decode_tokens, warmup=args.warmup)
+    if not comm.is_root:
+        return None
+    summary.pop("generated_tokens", None)
+    summary["memory_per_rank"] = {
+        key: spread([m[key] for m in memories]) for key in ("peak_rss", "weights", "kv_cache")}
+    summary["memory_per_rank"]["rss_over_weights_plus_kv"] = spread(
+        [m["peak_rss"] / (m["weights"] + m["kv_cache"]) for m in memories])
+    return {"kind": "bench", **summary, "conditions": info,
+            "model_config": model.config.to_dict(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+HEADER = (f"{'ranks':>5} {'scheme':>8} {'sync':>4} {'total ms':>9} {'infer ms':>9} "
+          f"{'sync ms':>8} {'recv kB':>8} {'sent kB':>8} {'dec tok/s':>9} {'pre tok/s':>9} "
+          f"{'RSS MB':>8}")
+
+
+def row(r):
+    c, ms, b = r["conditions"], r["ms_per_token"], r["bytes_per_token"]
+    return (f"{c['world_size']:>5} {c['sync_scheme']:>8} {c['sync']:>4} {ms['total']:9.2f} "
+            f"{ms['inference']:9.2f} {ms['sync']:8.2f} {b['received'] / 1e3:8.1f} "
+            f"{b['sent'] / 1e3:8.1f} {r['decode_tokens_per_s']:9.2f} "
+            f"{r['prefill_tokens_per_s']:9.1f} {r['memory_per_rank']['peak_rss']['max'] / 1e6:8.0f}")
+
+
+def print_row(record, file):
+    print(HEADER, file=file)
+    print(row(record), file=file, flush=True)
+
+
+def table_main(comm, argv):
+    p = ArgumentParser(prog=f"python -m {PROG} table", is_root=comm.is_root,
+                       description="Tabulate (and plot) bench JSON lines.")
+    p.add_argument("results", nargs="+", help="JSON-lines files written with --out")
+    p.add_argument("--plot-dir", help="write time-per-token and bytes-per-token PNGs here")
+    args = p.parse_args(argv)
+    if not comm.is_root:
+        return 0
+    records = []
+    for name in args.results:
+        if not Path(name).is_file():
+            raise DllmError(f"results file not found: {name}")
+        for n, line in enumerate(Path(name).read_text().splitlines(), 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise DllmError(f"{name}:{n} is not a JSON line") from None
+            if record.get("kind") == "bench":
+                records.append(record)
+    records.sort(key=lambda r: (r["conditions"]["sync_scheme"], r["conditions"]["world_size"]))
+    print(HEADER)
+    for r in records:
+        print(row(r))
+    if args.plot_dir:
+        plot(records, Path(args.plot_dir))
+    return 0
+
+
+def plot(records, folder):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise DllmError("plots need matplotlib: pip install 'dllm[bench]'") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    schemes = sorted({r["conditions"]["sync_scheme"] for r in records})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for scheme in schemes:
+        rs = [r for r in records if r["conditions"]["sync_scheme"] == scheme]
+        n = [r["conditions"]["world_size"] for r in rs]
+        ax.plot(n, [r["ms_per_token"]["total"] for r in rs], "o-", label=f"{scheme}: total")
+        ax.plot(n, [r["ms_per_token"]["sync"] for r in rs], "x--", label=f"{scheme}: sync")
+    ax.set(xlabel="ranks", ylabel="ms per decoded token", xscale="log", xticks=[1, 2, 4, 8])
+    ax.set_xticklabels(["1", "2", "4", "8"])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "time_per_token.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for scheme in schemes:
+        rs = [r for r in records if r["conditions"]["sync_scheme"] == scheme]
+        ax.plot([r["conditions"]["world_size"] for r in rs],
+                [r["bytes_per_token"]["received"] / 1e3 for r in rs], "o-", label=scheme)
+    ax.set(xlabel="ranks", ylabel="kB received per token per rank (median)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "bytes_per_token.png", dpi=120)
+
+
+if __name__ == "__main__":
+    entry(_main, PROG)
