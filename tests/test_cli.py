@@ -140,3 +140,8 @@ def test_stats_json_in_missing_directory_fails_before_the_run(tmp_path):
     target = tmp_path / "missing" / "stats.json"
     assert_one_clear_error(run_generate(2, "--stats-json", target), "not a writable directory")
     assert not target.parent.exists()
+
+
+def test_stats_json_that_is_a_directory(tmp_path):
+    assert_one_clear_error(run_generate(2, "--steps", 2, "--stats-json", tmp_path), "is a directory")
+    assert list(tmp_path.iterdir()) == []

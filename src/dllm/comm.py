@@ -13,6 +13,8 @@ from mpi4py import MPI
 
 from .errors import DllmError
 
+POLL_SLEEP = 1e-4   # seconds between polls of a patient receive (recv_bytes spin=...)
+
 
 @dataclass
 class CommStats:
@@ -130,6 +132,58 @@ class Comm:
             col += w
         return out
 
+    # --- point to point, for the pipeline (activations rank to rank) --------------------
+    def isend_bytes(self, buf, dest, tag=0):
+        """Start sending uint8 `buf` to `dest`; returns the request (pass it to wait before
+        touching buf again). Counts buf's bytes as sent."""
+        start = time.perf_counter()
+        request = self.mpi.Isend(buf, dest=dest, tag=tag)
+        self._count(time.perf_counter() - start, buf.nbytes, 0)
+        return request
+
+    def send_bytes(self, buf, dest, tag=0):
+        """Blocking send of uint8 `buf` to `dest`; counts its bytes as sent."""
+        start = time.perf_counter()
+        self.mpi.Send(buf, dest=dest, tag=tag)
+        self._count(time.perf_counter() - start, buf.nbytes, 0)
+
+    def recv_bytes(self, buf, source, tag=0, spin=None):
+        """Receive one message from `source` into uint8 `buf` (at least the message's size);
+        returns its size in bytes, counted as received. The seconds include waiting for it.
+
+        spin: None waits in MPI's Recv (which polls a core at full speed); else poll that
+        many seconds, then sleep between polls, so that a rank with nothing to do leaves the
+        core to ranks that work (pipeline stages waiting for their turn on shared cores)."""
+        status = MPI.Status()
+        start = time.perf_counter()
+        if spin is None:
+            self.mpi.Recv(buf, source=source, tag=tag, status=status)
+        else:
+            request = self.mpi.Irecv(buf, source=source, tag=tag)
+            while not request.Test(status):
+                if time.perf_counter() - start > spin:
+                    time.sleep(POLL_SLEEP)
+        n = status.Get_count(MPI.BYTE)
+        self._count(time.perf_counter() - start, 0, n)
+        return n
+
+    def wait(self, request):
+        """Complete a request from isend_bytes (None: nothing to wait for)."""
+        if request is not None:
+            start = time.perf_counter()
+            request.Wait()
+            self._count(time.perf_counter() - start, 0, 0)
+
+    def test(self, request):
+        """True when a request from isend_bytes has completed (never blocks)."""
+        return request.Test()
+
+    def split(self, color, key):
+        """A Comm of the ranks passing the same color, ordered by key; None for color None
+        (collective over this communicator)."""
+        sub = self.mpi.Split(MPI.UNDEFINED if color is None else color, key)
+        return None if sub == MPI.COMM_NULL else Comm(sub)
+
     # --- point to point, for --weights-from root ---------------------------------------
     def send_array(self, array, dest, tag=0):
         self.mpi.Send(np.ascontiguousarray(array), dest=dest, tag=tag)
@@ -151,6 +205,13 @@ class Comm:
 
     def barrier(self):
         self.mpi.Barrier()
+
+    def idle_barrier(self, poll=0.005):
+        """A barrier that sleeps while it waits (MPI's spins), leaving the cores to the ranks
+        that work, e.g. to root while it runs a model alone."""
+        request = self.mpi.Ibarrier()
+        while not request.Test():
+            time.sleep(poll)
 
     def agree(self, fn, *args, **kwargs):
         """Run fn on every rank; if it raises DllmError on any rank, raise on all ranks

@@ -3,6 +3,8 @@ from dataclasses import MISSING, asdict, dataclass, fields
 
 from .errors import ModelFileError
 
+ROPE_SCALINGS = ("none", "linear", "llama3")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -22,6 +24,15 @@ class ModelConfig:
     tie_embeddings: bool = False   # classifier shares the token embedding matrix
     bos_id: int = 1
     eos_id: int = 2
+    # RoPE frequency scaling (docs/format.md): "none"; "linear" (every frequency divided by
+    # rope_factor); "llama3" (Llama 3.1: long wavelengths divided by rope_factor, short ones
+    # kept, a smooth blend between, set by the low/high frequency factors and the original
+    # context length; Meta's apply_scaling).
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
 
     @property
     def head_dim(self):
@@ -30,6 +41,14 @@ class ModelConfig:
     @property
     def kv_dim(self):
         return self.n_kv_heads * self.head_dim
+
+    @property
+    def rope_scaling_args(self):
+        """Keyword arguments of kernels.rope_tables for this model's RoPE scaling."""
+        return {"scaling": self.rope_scaling, "factor": self.rope_factor,
+                "low_freq_factor": self.rope_low_freq_factor,
+                "high_freq_factor": self.rope_high_freq_factor,
+                "original_max_seq_len": self.rope_original_max_seq_len}
 
     @property
     def q_per_kv(self):
@@ -50,6 +69,13 @@ class ModelConfig:
             raise ModelFileError(f"config head_dim {self.head_dim} must be even for RoPE")
         if not self.norm_eps > 0 or not self.rope_theta > 0:
             raise ModelFileError("config norm_eps and rope_theta must be positive")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ModelFileError(f"config rope_scaling {self.rope_scaling!r} is not one of "
+                                 f"{', '.join(ROPE_SCALINGS)}")
+        if not self.rope_factor > 0 or not (
+                0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+            raise ModelFileError("config rope_factor must be positive and 0 < "
+                                 "rope_low_freq_factor < rope_high_freq_factor")
         return self
 
     def to_dict(self):
@@ -65,9 +91,11 @@ class ModelConfig:
         kwargs = {}
         for name, f in known.items():
             if name in values:
-                caster = f.type
+                caster, value = f.type, values[name]
+                if isinstance(value, bytes):   # HDF5 fixed-length strings come back as bytes
+                    value = value.decode()
                 try:
-                    kwargs[name] = caster(values[name])
+                    kwargs[name] = caster(value)
                 except (TypeError, ValueError):
-                    raise ModelFileError(f"config {name} = {values[name]!r} is not a {caster.__name__}")
+                    raise ModelFileError(f"config {name} = {value!r} is not a {caster.__name__}")
         return cls(**kwargs).check()

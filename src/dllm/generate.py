@@ -40,6 +40,12 @@ def build_parser(is_root=True):
     p.add_argument("--sync-scheme", default="slices", choices=("slices", "partials", "reduce"),
                    help="how ranks combine matmul outputs: Allgather output slices (default), "
                         "Allgather row-parallel partial sums, or reduce-scatter + Allgather")
+    p.add_argument("--parallel", default="tensor", choices=("tensor", "pipeline"),
+                   help="'tensor': every rank a slice of every matrix (default); 'pipeline': "
+                        "every rank whole layers, activations passed rank to rank")
+    p.add_argument("--profile", default=None, metavar="PATH",
+                   help="device profile (JSON, docs/parallelism.md): layers by speed within "
+                        "memory (pipeline), uneven slices by speed (tensor)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="context to allocate, at most the model's (default: the model's)")
     p.add_argument("--weights-from", default="file", choices=("file", "root"),
@@ -53,6 +59,10 @@ def build_parser(is_root=True):
     p.add_argument("--stats-json", default=None, metavar="PATH",
                    help="write the run's figures and conditions as JSON")
     p.add_argument("--quiet", action="store_true", help="print only the generated text")
+    p.add_argument("--chat", action="store_true",
+                   help="chat in the model's stored chat template (llama2 or llama3): one "
+                        "reply to --prompt, or turns read from stdin, one per line, until EOF")
+    p.add_argument("--system", default=None, help="--chat: system prompt")
     return p
 
 
@@ -71,7 +81,9 @@ def _main(comm, argv):
     model = load(args.model or default_model(), comm, sync=args.sync,
                  max_seq_len=args.max_seq_len, weights_from=args.weights_from,
                  tokenizer=args.tokenizer, prefill_chunk=args.prefill_chunk,
-                 sync_scheme=args.sync_scheme)
+                 sync_scheme=args.sync_scheme, parallel=args.parallel, profile=args.profile)
+    if args.chat:
+        return chat(comm, model, args, sampler)
     prompt_ids = comm.from_root(_encode, model, args.prompt)
 
     stream = comm.root_only(_text_stream, model, prompt_ids)
@@ -107,6 +119,8 @@ def _main(comm, argv):
 
 def check_writable(path):
     """Fail before the run, not after it, when the JSON cannot be written."""
+    if Path(path).is_dir():
+        raise DllmError(f"cannot write {path}: it is a directory; give a file name")
     folder = Path(path).resolve().parent
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise DllmError(f"cannot write {path}: {folder} is not a writable directory")
@@ -122,6 +136,70 @@ def _encode(model, prompt):
 def _text_stream(model, prompt_ids):
     from .tokenizer import TextStream
     return TextStream(model.tokenizer, prompt_ids)
+
+
+def chat(comm, model, args, sampler):
+    """--chat: a conversation in the chat template stored with the model's tokenizer.
+
+    Root reads the user's turns (the --prompt, else stdin lines), formats the whole
+    conversation (dllm.tokenizer.chat_prompt_ids) and streams the reply; every rank runs the
+    forward passes and stops at the same end-of-turn token, which root broadcasts."""
+    from .tokenizer import chat_stop_ids
+    template = comm.from_root(_chat_template, model, args.model or default_model())
+    stops = comm.from_root(lambda: chat_stop_ids(model.tokenizer, template))
+    messages = [("system", args.system)] if args.system else []   # used on root only
+    while True:
+        user = args.prompt if args.prompt else comm.from_root(_read_turn)
+        if user is None:
+            return 0
+        ids = comm.root_only(_chat_ids, model.tokenizer, template, messages, user)
+        stream = comm.root_only(_text_stream, model, [])
+        reply = []
+        for token in model.generate(ids, args.steps, sampler, stop_at_eos=False):
+            if token in stops:
+                break
+            reply.append(token)
+            if stream is not None:
+                root_print(comm, stream.push(token), end="")
+        root_print(comm, "")
+        if comm.is_root:
+            messages.append(("assistant", model.tokenizer.decode(reply)))
+        if args.prompt:
+            return 0
+
+
+def _chat_template(model, path):
+    from .modelfile import ModelFile
+    if model.tokenizer is None:
+        raise DllmError("this model file has no tokenizer: --chat needs one (--tokenizer PATH)")
+    with ModelFile(path) as mf:
+        template = mf.chat_template()
+    if template is None:
+        raise DllmError(f"{path} has no chat template: reconvert it with python -m "
+                        f"dllm.convert ... --chat-template llama2|llama3")
+    return template
+
+
+def _chat_ids(tokenizer, template, messages, user):
+    from .tokenizer import chat_prompt_ids
+    messages.append(("user", user))
+    return chat_prompt_ids(tokenizer, template, messages)
+
+
+def _read_turn():
+    """The user's next non-empty line (a '> ' prompt on a terminal), or None at the end."""
+    while True:
+        if sys.stdin.isatty():
+            try:
+                line = input("> ")
+            except EOFError:
+                return None
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                return None
+        if line.strip():
+            return line.rstrip("\n")
 
 
 def print_summary(r, file):

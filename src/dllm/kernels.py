@@ -78,11 +78,34 @@ def rmsnorm_ref(x, weight, eps):
     return out
 
 
-def rope_tables(head_dim, max_seq_len, theta):
-    """cos and sin (max_seq_len, head_dim/2) float32 of pos * theta^(-2i/head_dim)."""
-    freqs = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+def rope_tables(head_dim, max_seq_len, theta, scaling="none", factor=1.0, low_freq_factor=1.0,
+                high_freq_factor=4.0, original_max_seq_len=8192):
+    """cos and sin (max_seq_len, head_dim/2) float32 of pos * f_i, f_i = theta^(-2i/head_dim)
+    rescaled as `scaling` says (ModelConfig.rope_scaling_args; see rope_frequencies)."""
+    freqs = rope_frequencies(head_dim, theta, scaling, factor, low_freq_factor,
+                             high_freq_factor, original_max_seq_len)
     angles = np.outer(np.arange(max_seq_len, dtype=np.float64), freqs)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rope_frequencies(head_dim, theta, scaling="none", factor=1.0, low_freq_factor=1.0,
+                     high_freq_factor=4.0, original_max_seq_len=8192):
+    """(head_dim/2,) float64 rotation frequencies theta^(-2i/head_dim), after scaling:
+    "linear" divides all by factor; "llama3" (Llama 3.1, Meta's apply_scaling) divides those
+    whose wavelength exceeds original_max_seq_len / low_freq_factor by factor, keeps those
+    shorter than original_max_seq_len / high_freq_factor, and blends linearly in between."""
+    freqs = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if scaling == "linear":
+        return freqs / factor
+    if scaling == "llama3":
+        wavelen = 2 * math.pi / freqs
+        smooth = (original_max_seq_len / wavelen - low_freq_factor) / (high_freq_factor -
+                                                                      low_freq_factor)
+        blended = (1 - smooth) * freqs / factor + smooth * freqs
+        return np.where(wavelen < original_max_seq_len / high_freq_factor, freqs,
+                        np.where(wavelen > original_max_seq_len / low_freq_factor,
+                                 freqs / factor, blended))
+    return freqs
 
 
 def rope(x, cos, sin):

@@ -20,6 +20,7 @@ from .sync import PAYLOADS
 from .tokenizer import Tokenizer
 
 WEIGHTS_FROM = ("file", "root")
+PARALLEL = ("tensor", "pipeline")
 
 
 def local_tensors(config, shard, is_root):
@@ -55,7 +56,7 @@ def check_options(sync, weights_from, max_seq_len, prefill_chunk):
         raise DllmError(f"--weights-from must be one of {', '.join(WEIGHTS_FROM)}, "
                         f"got {weights_from!r}")
     if max_seq_len is not None and max_seq_len < 1:
-        raise DllmError(f"--max-seq-len must be positive, got {max_seq_len}")
+        raise DllmError(f"max_seq_len (--max-seq-len) must be positive, got {max_seq_len}")
     if prefill_chunk < 1:
         raise DllmError(f"prefill chunk must be positive, got {prefill_chunk}")
 
@@ -92,27 +93,28 @@ def _load_tokenizer(path, tokenizer_path, config):
     return tok
 
 
-def _weights_from_root(comm, path, config, shards):
-    """Root reads every rank's slices and sends them; returns this rank's weights."""
+def _weights_from_root(comm, path, entries_of):
+    """Root reads every rank's arrays (entries_of(rank): see local_tensors) and sends them;
+    returns this rank's weights."""
     if comm.is_root:
         with ModelFile(path) as mf:
             for rank in range(1, comm.size):
-                entries = local_tensors(config, shards[rank], False)
+                entries = entries_of(rank)
                 for key, name, rows, cols in entries:
                     array = mf.read(name, rows, cols)
                     comm.mpi.send((array.shape, array.dtype.str), dest=rank, tag=1)
                     comm.send_array(array, rank, tag=2)
-            return {key: mf.read(name, rows, cols) for key, name, rows, cols in
-                    local_tensors(config, shards[0], True)}
+            return {key: mf.read(name, rows, cols) for key, name, rows, cols in entries_of(0)}
     weights = {}
-    for key, name, rows, cols in local_tensors(config, shards[comm.rank], False):
+    for key, name, rows, cols in entries_of(comm.rank):
         shape, dtype = comm.mpi.recv(source=0, tag=1)
         weights[key] = comm.recv_array(shape, np.dtype(dtype), source=0, tag=2)
     return weights
 
 
 def load(path, comm=None, sync="q80", max_seq_len=None, weights_from="file",
-         tokenizer=None, prefill_chunk=64, sync_scheme="slices"):
+         tokenizer=None, prefill_chunk=64, sync_scheme="slices", parallel="tensor",
+         profile=None):
     """Load a dllm HDF5 model over the ranks of `comm`; collective (every rank calls it).
 
     comm: None (COMM_WORLD), an mpi4py communicator or a dllm Comm. sync: activation payload,
@@ -120,23 +122,44 @@ def load(path, comm=None, sync="q80", max_seq_len=None, weights_from="file",
     "file" (each rank reads its own slices) or "root". tokenizer: path of a SentencePiece
     model overriding the embedded one. sync_scheme: "slices" (Allgather of output slices),
     "partials" (Allgather of row-parallel partial sums) or "reduce" (reduce-scatter by
-    Alltoall, then Allgather). Raises DllmError on every rank for bad input.
+    Alltoall, then Allgather). parallel: "tensor" (every rank a slice of every matrix, a
+    dllm.model.Model) or "pipeline" (every rank whole layers, a dllm.pipeline.PipelineModel).
+    profile: a device profile (path, dict or dllm.profile.Profile; docs/parallelism.md): layers
+    by speed within memory for "pipeline", uneven slices by speed for "tensor".
+    Raises DllmError on every rank for bad input.
     """
     from .comm import Comm
+    from .profile import check_tensor_memory, pipeline_stages, tensor_shares, use_profile
     comm = Comm.wrap(comm)
     check_options(sync, weights_from, max_seq_len, prefill_chunk)
+    if parallel not in PARALLEL:
+        raise DllmError(f"--parallel must be one of {', '.join(PARALLEL)}, got {parallel!r}")
+    if parallel == "pipeline" and sync_scheme != "slices":
+        raise DllmError(f"--sync-scheme {sync_scheme} applies to --parallel tensor only")
     config_dict, quant = comm.from_root(_read_header, path)
     config = ModelConfig.from_dict(config_dict)
     if max_seq_len is not None and max_seq_len > config.max_seq_len:
-        raise DllmError(f"--max-seq-len {max_seq_len} exceeds the model's context of "
+        raise DllmError(f"max_seq_len (--max-seq-len) {max_seq_len} exceeds the model's context of "
                         f"{config.max_seq_len}")
-    shards = plan(config, comm.size, sync_scheme)  # raises on every rank when it cannot split
+    profile = use_profile(comm, profile)
+    context = max_seq_len or config.max_seq_len
+    if parallel == "pipeline":
+        from .pipeline import load_pipeline
+        stages = pipeline_stages(config, quant, comm.size, profile, context)
+        tok = comm.root_only(_load_tokenizer, path, tokenizer, config)
+        return load_pipeline(comm, path, config, quant, stages, sync=sync,
+                             max_seq_len=max_seq_len, weights_from=weights_from, tokenizer=tok,
+                             prefill_chunk=prefill_chunk)
+    shares = tensor_shares(config, quant, profile, context) if profile else None
+    shards = plan(config, comm.size, sync_scheme, shares)  # raises on every rank if it cannot
     check_scheme(shards, quant)
+    if profile:
+        check_tensor_memory(config, quant, profile, shards, context)
     tok = comm.root_only(_load_tokenizer, path, tokenizer, config)
+    entries_of = lambda rank: local_tensors(config, shards[rank], rank == 0)  # noqa: E731
     if weights_from == "file":
-        weights = comm.agree(_read_local, path,
-                             local_tensors(config, shards[comm.rank], comm.is_root), comm.is_root)
+        weights = comm.agree(_read_local, path, entries_of(comm.rank), comm.is_root)
     else:
-        weights = _weights_from_root(comm, path, config, shards)
+        weights = _weights_from_root(comm, path, entries_of)
     return Model(comm, config, shards, weights, sync=sync, max_seq_len=max_seq_len,
                  prefill_chunk=prefill_chunk, tokenizer=tok, path=str(path))

@@ -83,7 +83,7 @@ class Model:
         heads = np.arange(*shard.heads)
         self.head_kv = heads // config.q_per_kv - shard.kv_heads[0]
         self.rope_cos, self.rope_sin = rope_tables(config.head_dim, self.max_seq_len,
-                                                   config.rope_theta)
+                                                   config.rope_theta, **config.rope_scaling_args)
         cache_shape = (config.n_layers, shard.n_kv_heads, self.max_seq_len, config.head_dim)
         self.state = RunState(np.zeros(cache_shape, np.float32), np.zeros(cache_shape, np.float32))
 

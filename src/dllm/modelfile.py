@@ -2,7 +2,8 @@
 
 Layout:
     /                     attrs: format="dllm", format_version=1, quant, and every ModelConfig field
-    /tokenizer            uint8 [n] serialized tokenizer (attr kind="sentencepiece"), optional
+    /tokenizer            uint8 [n] serialized tokenizer, optional (attr kind: "sentencepiece"
+                          or "tokenizers"; optional attr chat_template)
     /tok_embeddings       [vocab, dim]          (root only)
     /output               [vocab, dim]          absent when tie_embeddings (tok_embeddings serves)
     /norm                 [dim] float32
@@ -16,7 +17,9 @@ Datasets are contiguous (no chunks, no filters), so a rank reads rows [a, b) of 
 one contiguous hyperslab read and gets exactly the bytes its kernel consumes.
 Only converters write; ranks open the file read-only.
 """
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -24,7 +27,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import ModelFileError
-from .quant import Q40_BLOCK_BYTES, quantize_q40
+from .quant import Q40_BLOCK_BYTES, dequantize_q40, quantize_q40
 
 FORMAT_NAME = "dllm"
 FORMAT_VERSION = 1
@@ -65,13 +68,44 @@ def tensor_quant(shape, quant):
     return "f32" if len(shape) == 1 else quant
 
 
-def write_model(path, config, tensors, quant="q40", tokenizer=None, metadata=None):
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor handed to write_model already in its stored form, written byte for byte:
+    Q4_0 bytes uint8 [rows, cols/32*18] (quant "q40"; a GGUF Q4_0 tensor, synthetic weights)
+    or float32 of the logical shape (quant "f32"; a matrix that cannot be Q4_0).
+    data: an array or anything sliceable by rows with a .shape (a memory map)."""
+    data: object
+    quant: str
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    """What write_model did with one tensor: stored type, source type and the error of the
+    stored values against the source's (max |error| and rms error; None when copied)."""
+    name: str
+    shape: tuple
+    quant: str
+    source: str
+    nbytes: int
+    max_err: float = None
+    rms_err: float = None
+    rms: float = None          # rms of the source values, to read rms_err against
+
+
+def write_model(path, config, tensors, quant="q40", tokenizer=None, metadata=None,
+                attrs=None, tokenizer_attrs=None, on_tensor=None):
     """Write a model file atomically: into a temporary file beside `path`, renamed at the end.
 
-    tensors: iterable of (name, float array of the logical shape), each name of
-    ``tensor_shapes(config)`` exactly once, in any order; consumed one at a time, so memory
-    stays bounded by the largest tensor. tokenizer: (kind, bytes) or None.
-    metadata: extra string attributes (source, converter options).
+    tensors: iterable of (name, tensor), each name of ``tensor_shapes(config)`` exactly once,
+    in any order; a tensor is a float array of the logical shape (or any object with .shape
+    that returns float rows when sliced, read a block of rows at a time) quantized to the
+    file's `quant`, or a StoredTensor written as is. Tensors are consumed one at a time and
+    read in row blocks, so memory stays bounded. tokenizer: (kind, bytes) or None;
+    tokenizer_attrs: extra attributes of the tokenizer dataset (chat_template).
+    metadata: extra string attributes (source, converter options), stored as meta_<key>;
+    attrs: extra root attributes (hidden_dim_unpadded). on_tensor(index, total, report) is
+    called after each tensor. Returns the TensorReport of every tensor, in writing order.
     """
     if quant not in QUANTS:
         raise ValueError(f"unknown quant {quant!r}; use one of {QUANTS}")
@@ -79,6 +113,7 @@ def write_model(path, config, tensors, quant="q40", tokenizer=None, metadata=Non
     path = Path(path)
     shapes = tensor_shapes(config)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    reports = []
     try:
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = FORMAT_NAME
@@ -86,20 +121,26 @@ def write_model(path, config, tensors, quant="q40", tokenizer=None, metadata=Non
             f.attrs["quant"] = quant
             for key, value in config.to_dict().items():
                 f.attrs[key] = value
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = value
             for key, value in (metadata or {}).items():
                 f.attrs[f"meta_{key}"] = str(value)
             if tokenizer is not None:
                 kind, blob = tokenizer
                 ds = f.create_dataset("tokenizer", data=np.frombuffer(blob, dtype=np.uint8))
                 ds.attrs["kind"] = kind
+                for key, value in (tokenizer_attrs or {}).items():
+                    ds.attrs[key] = value
             written = set()
             for name, array in tensors:
                 if name not in shapes:
                     raise ValueError(f"unexpected tensor {name}")
                 if name in written:
                     raise ValueError(f"tensor {name} given twice")
-                _write_tensor(f, name, np.asarray(array), shapes[name], quant)
+                reports.append(_write_tensor(f, name, array, shapes[name], quant))
                 written.add(name)
+                if on_tensor is not None:
+                    on_tensor(len(reports), len(shapes), reports[-1])
             missing = sorted(set(shapes) - written)
             if missing:
                 raise ValueError(f"tensors missing: {', '.join(missing[:5])}")
@@ -107,20 +148,66 @@ def write_model(path, config, tensors, quant="q40", tokenizer=None, metadata=Non
     finally:
         if tmp.exists():
             tmp.unlink()
+    return reports
 
 
 def _write_tensor(f, name, array, shape, quant):
-    if array.shape != shape:
-        raise ValueError(f"{name} has shape {array.shape}, expected {shape}")
+    if isinstance(array, StoredTensor):
+        return _write_stored(f, name, array, shape)
+    if not hasattr(array, "shape") or not hasattr(array, "__getitem__"):
+        array = np.asarray(array)
+    if tuple(array.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(array.shape)}, expected {shape}")
     kind = tensor_quant(shape, quant)
     if kind == "q40" and shape[1] % 32:
         raise ValueError(f"{name}: {shape[1]} columns are not whole 32-value Q4_0 blocks")
     sshape, dtype = stored_shape(shape, kind)
     ds = f.create_dataset(name, shape=sshape, dtype=dtype)  # contiguous, unfiltered
     rows_per_step = max(1, (1 << 22) // max(1, shape[-1]))  # quantize ~4M values at a time
+    max_err = sq_err = sq_sum = 0.0
     for r0 in range(0, shape[0], rows_per_step):
         chunk = np.asarray(array[r0:r0 + rows_per_step], dtype=np.float32)
-        ds[r0:r0 + rows_per_step] = quantize_q40(chunk) if kind == "q40" else chunk
+        sq_sum += float(np.dot(chunk.ravel(), chunk.ravel()))
+        if kind == "q40":
+            stored = quantize_q40(chunk)
+            err = dequantize_q40(stored) - chunk
+            max_err = max(max_err, float(np.abs(err).max(initial=0.0)))
+            sq_err += float(np.dot(err.ravel(), err.ravel()))
+            ds[r0:r0 + rows_per_step] = stored
+        else:
+            ds[r0:r0 + rows_per_step] = chunk
+    _tensor_attrs(ds, kind, shape)
+    size = math.prod(shape)
+    source = getattr(array, "source", None) or array.dtype.name.upper().replace("FLOAT", "F")
+    report = TensorReport(name, shape, kind, source, ds.id.get_storage_size(), max_err,
+                          math.sqrt(sq_err / size), math.sqrt(sq_sum / size))
+    if kind == "q40":
+        ds.attrs["quant_max_err"], ds.attrs["quant_rms_err"] = report.max_err, report.rms_err
+    ds.attrs["source_type"] = source
+    return report
+
+
+def _write_stored(f, name, tensor, shape):
+    if tensor.quant not in QUANTS or (tensor.quant == "q40" and len(shape) == 1):
+        raise ValueError(f"{name}: cannot store a {len(shape)}-D tensor as {tensor.quant}")
+    if tensor.quant == "q40" and shape[1] % 32:
+        raise ValueError(f"{name}: {shape[1]} columns are not whole 32-value Q4_0 blocks")
+    sshape, dtype = stored_shape(shape, tensor.quant)
+    data = tensor.data
+    if tuple(data.shape) != sshape or np.dtype(data.dtype) != dtype:
+        raise ValueError(f"{name} is stored as {data.dtype}{list(data.shape)}, "
+                         f"expected {dtype}{list(sshape)}")
+    ds = f.create_dataset(name, shape=sshape, dtype=dtype)
+    rows_per_step = max(1, (1 << 24) // max(1, sshape[-1] * dtype.itemsize))  # ~16 MB
+    for r0 in range(0, sshape[0], rows_per_step):
+        ds[r0:r0 + rows_per_step] = np.asarray(data[r0:r0 + rows_per_step])
+    _tensor_attrs(ds, tensor.quant, shape)
+    source = tensor.source or tensor.quant.upper()
+    ds.attrs["source_type"] = source
+    return TensorReport(name, shape, tensor.quant, source, ds.id.get_storage_size())
+
+
+def _tensor_attrs(ds, kind, shape):
     ds.attrs["quant"] = kind
     ds.attrs["shape"] = shape
 
@@ -206,6 +293,12 @@ class ModelFile:
             return None
         ds = self.h5["tokenizer"]
         return _text(ds.attrs.get("kind")), ds[()].tobytes()
+
+    def chat_template(self):
+        """Name of the chat template stored with the tokenizer ("llama2", "llama3"), or None."""
+        if "tokenizer" not in self.h5:
+            return None
+        return _text(self.h5["tokenizer"].attrs.get("chat_template")) or None
 
     def metadata(self):
         return {k[5:]: _text(v) for k, v in self.h5.attrs.items() if k.startswith("meta_")}

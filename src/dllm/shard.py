@@ -46,6 +46,76 @@ def blocked_rows(n_rows, size, unit=BLOCK):
     return [(min(a * unit, n_rows), min(b * unit, n_rows)) for a, b in block_split(n_blocks, size)]
 
 
+def proportional_counts(total, weights, caps=None, minimum=0):
+    """Integers n_i summing to `total`, each in [minimum, caps[i]], as close to
+    total * w_i / sum(w) as those bounds allow (largest remainder; ties to lower indices).
+
+    Water-filling: a rank whose proportional share exceeds its cap gets the cap and the rest
+    is shared again among the others. Zero weights get only the minimum unless nothing else
+    can hold the units. Raises DllmError when the caps cannot hold `total`.
+    """
+    n = len(weights)
+    w = [float(x) for x in weights]
+    caps = [int(total)] * n if caps is None else [int(c) for c in caps]
+    if n == 0 or len(caps) != n or any(not x >= 0 for x in w) or any(c < 0 for c in caps):
+        raise DllmError(f"shares must be one non-negative number per rank, got {list(weights)}")
+    if sum(caps) < total:
+        raise DllmError(f"{total} units do not fit: the ranks hold at most {sum(caps)}")
+    low = [min(minimum, c) for c in caps]
+    if sum(low) > total:
+        low = [0] * n
+    share = _water_fill(total, w, low, caps)
+    counts = [min(max(int(x), lo), c) for x, lo, c in zip(share, low, caps)]
+    order = sorted(range(n), key=lambda i: (-(share[i] - int(share[i])), i))
+    while sum(counts) < total:   # hand out the remainder, largest fraction first
+        i = next(i for i in order if counts[i] < caps[i])
+        counts[i] += 1
+        order.remove(i)
+        order.append(i)
+    while sum(counts) > total:   # rounding up to the minimums overshot: take from the largest
+        i = max(range(n), key=lambda i: (counts[i] - low[i], -i))
+        counts[i] -= 1
+    return counts
+
+
+def _water_fill(total, w, low, caps):
+    """Real shares x_i = clip(t * w_i, low_i, caps_i) summing to total; when only zero
+    weights are left to hold units, they fill up in rank order."""
+    n, fixed = len(w), {}
+    while True:
+        free = [i for i in range(n) if i not in fixed]
+        left = total - sum(fixed.values())
+        weight = sum(w[i] for i in free)
+        if weight == 0:
+            for i in free:
+                fixed[i] = min(caps[i], max(low[i], left - sum(low[j] for j in free if j > i)))
+                left -= fixed[i]
+            return [fixed[i] for i in range(n)]
+        x = {i: left * w[i] / weight for i in free}
+        over = [i for i in free if x[i] > caps[i]]
+        under = [i for i in free if x[i] < low[i]]
+        if not over and not under:
+            return [fixed[i] if i in fixed else x[i] for i in range(n)]
+        for i in over or under:
+            fixed[i] = caps[i] if over else low[i]
+
+
+def counts_to_ranges(counts):
+    """[2, 0, 3] -> [(0, 2), (2, 2), (2, 5)]: contiguous ranges of those sizes."""
+    bounds = [0]
+    for c in counts:
+        bounds.append(bounds[-1] + c)
+    return [(bounds[r], bounds[r + 1]) for r in range(len(counts))]
+
+
+def shared_rows(n_rows, shares, unit=BLOCK):
+    """Like blocked_rows, but whole `unit`-row blocks in proportion to `shares`; every rank
+    gets at least one block while there are as many blocks as ranks."""
+    n_blocks = -(-n_rows // unit)
+    counts = proportional_counts(n_blocks, shares, minimum=1 if n_blocks >= len(shares) else 0)
+    return [(min(a * unit, n_rows), min(b * unit, n_rows)) for a, b in counts_to_ranges(counts)]
+
+
 @dataclass(frozen=True)
 class RankShard:
     """The rows one rank owns. Ranges are half-open (start, stop)."""
@@ -110,18 +180,28 @@ def check_world_size(config, size):
 SCHEMES = ("slices", "partials", "reduce")
 
 
-def plan(config, size, scheme="slices"):
-    """The shard of every rank, a list indexed by rank."""
+def plan(config, size, scheme="slices", shares=None):
+    """The shard of every rank, a list indexed by rank.
+
+    shares: None (even split) or one positive number per rank, e.g. relative speeds from a
+    device profile (dllm.profile): heads, dim and hidden blocks and vocabulary rows are then
+    split in proportion to them, every rank keeping at least one head and one block."""
     if scheme not in SCHEMES:
         raise DllmError(f"--sync-scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
     check_world_size(config, size)
+    if shares is None:
+        splits = (block_split(config.n_heads, size), blocked_rows(config.dim, size),
+                  blocked_rows(config.hidden_dim, size), block_split(config.vocab_size, size))
+    else:
+        if len(shares) != size or not all(s > 0 for s in shares):
+            raise DllmError(f"uneven slices need one positive share per rank ({size} ranks), "
+                            f"got {list(shares)}")
+        splits = (counts_to_ranges(proportional_counts(config.n_heads, shares, minimum=1)),
+                  shared_rows(config.dim, shares), shared_rows(config.hidden_dim, shares),
+                  counts_to_ranges(proportional_counts(config.vocab_size, shares, minimum=1)))
     g = config.q_per_kv
     shards = []
-    for rank, ((h0, h1), dim_rows, hidden_rows, vocab_rows) in enumerate(zip(
-            block_split(config.n_heads, size),
-            blocked_rows(config.dim, size),
-            blocked_rows(config.hidden_dim, size),
-            block_split(config.vocab_size, size))):
+    for rank, ((h0, h1), dim_rows, hidden_rows, vocab_rows) in enumerate(zip(*splits)):
         kv_heads = (h0 // g, (h1 - 1) // g + 1)
         shards.append(RankShard(rank, size, (h0, h1), kv_heads, dim_rows, hidden_rows,
                                 vocab_rows, config.head_dim, scheme))

@@ -57,7 +57,8 @@ def conditions(comm, model, **extra):
     hosts = comm.gather(socket.gethostname())
     return {"world_size": comm.size, "hosts": sorted(set(hosts)) if hosts else None,
             "threads_per_rank": _threads.THREADS, "model": model.path,
-            "quant": "q40" if model.weights["layers/0/wq"].dtype == np.uint8 else "f32",
+            "quant": getattr(model, "quant", None) or (
+                "q40" if model.weights["layers/0/wq"].dtype == np.uint8 else "f32"),
             "sync": model.sync, "sync_scheme": model.scheme, "max_seq_len": model.max_seq_len,
             "prefill_chunk": model.prefill_chunk, "python": platform.python_version(),
             "git_revision": git_revision(), **extra}
@@ -103,5 +104,9 @@ def write_json_atomically(path, data):
     import json
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,261 @@
+"""What every source format shares: lazy tensors, the checkpoint record, the writing driver
+with its hidden-size padding, progress bar and closing error table."""
+import math
+import sys
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from ..errors import DllmError
+from ..modelfile import StoredTensor, tensor_shapes, write_model
+from ..tokenizer import CHAT_TEMPLATES, Tokenizer, read_tokenizer_file
+
+BLOCK = 32
+
+
+class LazyTensor:
+    """A checkpoint tensor read on demand, a block of rows at a time (write_model slices it).
+
+    shape: (rows, cols) or (n,); read(start, stop) returns rows [start, stop) as an array of
+    `dtype` (float32 for weights, uint8 for stored Q4_0 bytes); source: the type name for
+    the conversion report ("BF16", "Q8_0")."""
+
+    def __init__(self, shape, read, source, dtype=np.float32):
+        self.shape, self._read, self.source = tuple(shape), read, source
+        self.dtype = np.dtype(dtype)
+
+    def __getitem__(self, index):
+        if not isinstance(index, slice):
+            raise TypeError("a LazyTensor is read by row slices")
+        start, stop, step = index.indices(self.shape[0])
+        if step != 1:
+            raise TypeError("a LazyTensor is read by contiguous row slices")
+        return np.asarray(self._read(start, max(start, stop)), dtype=self.dtype)
+
+    @classmethod
+    def of(cls, array, source=None, dtype=np.float32):
+        """A LazyTensor over an array or memory map (converted block by block)."""
+        return cls(array.shape, lambda a, b: array[a:b], source or _type_name(array.dtype),
+                   dtype)
+
+
+def _type_name(dtype):
+    return np.dtype(dtype).name.upper().replace("FLOAT", "F")
+
+
+def permute_rows(tensor, order):
+    """The tensor with row i taken from source row order[i] (the HF -> interleaved RoPE
+    permutation stays inside a head, so a block of rows reads a narrow band of source rows)."""
+    order = np.asarray(order)
+
+    def read(a, b):
+        want = order[a:b]
+        if not len(want):
+            return tensor[0:0]
+        lo, hi = int(want.min()), int(want.max()) + 1
+        return tensor[lo:hi][want - lo]
+    return LazyTensor(tensor.shape, read, tensor.source, tensor.dtype)
+
+
+def zero_padded(tensor, shape):
+    """The tensor grown to `shape` with zero rows and columns after its own (exact for the
+    FFN: a zero row of w1/w3 gives a zero hidden unit, a zero column of w2 ignores it)."""
+    rows = tensor.shape[0]
+
+    def read(a, b):
+        out = np.zeros((b - a,) + tuple(shape[1:]), dtype=tensor.dtype)
+        if a < rows:
+            block = tensor[a:min(b, rows)]
+            out[:len(block), :block.shape[-1]] = block
+        return out
+    return LazyTensor(shape, read, tensor.source, tensor.dtype)
+
+
+@dataclass
+class Checkpoint:
+    """A source checkpoint opened for conversion.
+
+    tensors(): yields (dllm name, tensor) one at a time; a tensor is a LazyTensor of floats or
+    a StoredTensor (Q4_0 bytes copied as they are). tokenizer: (kind, bytes) or None."""
+    config: object
+    tensors: object
+    tokenizer: tuple = None
+    chat_template: str = None
+    chat_template_jinja: str = None
+    metadata: dict = field(default_factory=dict)
+    attrs: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+    close: object = None
+
+
+def hidden_padding(config):
+    """hidden_dim rounded up to whole 32-value blocks (stories260K: 172 -> 192)."""
+    return -(-config.hidden_dim // BLOCK) * BLOCK
+
+
+def pad_hidden(ckpt):
+    """Zero-pad the FFN hidden size to a multiple of 32 so w2 rows split into Q4_0 and Q8_0
+    blocks; the file's hidden_dim is the padded size, hidden_dim_unpadded the source's."""
+    c = ckpt.config
+    padded = hidden_padding(c)
+    if padded == c.hidden_dim:
+        return ckpt
+    new = replace(c, hidden_dim=padded)
+    source_tensors = ckpt.tensors
+
+    def tensors():
+        for name, tensor in source_tensors():
+            kind = name.rsplit("/", 1)[-1]
+            if kind in ("w1", "w3", "w2"):
+                shape = (padded, c.dim) if kind != "w2" else (c.dim, padded)
+                tensor = _pad_any(tensor, shape)
+            yield name, tensor
+    return replace(ckpt, config=new, tensors=tensors,
+                   attrs={**ckpt.attrs, "hidden_dim_unpadded": c.hidden_dim},
+                   warnings=ckpt.warnings + [
+                       f"hidden_dim {c.hidden_dim} is not a multiple of {BLOCK}: w1/w3/w2 "
+                       f"zero-padded to {padded} hidden units (exact)"])
+
+
+def _pad_any(tensor, shape):
+    if isinstance(tensor, StoredTensor):
+        if tensor.quant == "q40":   # whole zero rows: d = 0, every value 0 (w1, w3 only)
+            stored = (shape[0], tensor.data.shape[1])
+            return StoredTensor(zero_padded(_lazy(tensor.data), stored), "q40", tensor.source)
+        return StoredTensor(zero_padded(_lazy(tensor.data), shape), "f32", tensor.source)
+    return zero_padded(tensor, shape)
+
+
+def _lazy(array):
+    return array if isinstance(array, LazyTensor) else LazyTensor.of(array, dtype=array.dtype)
+
+
+def keep_unblocked_f32(ckpt, quant):
+    """With --quant q40, matrices whose rows are not whole 32-value blocks (dim % 32 != 0)
+    stay float32 (StoredTensor "f32"); the engine takes each matrix's type from the file."""
+    if quant != "q40" or ckpt.config.dim % BLOCK == 0:
+        return ckpt
+    source_tensors = ckpt.tensors
+
+    def tensors():
+        for name, tensor in source_tensors():
+            if len(tensor.shape) == 2 and tensor.shape[1] % BLOCK and \
+                    not isinstance(tensor, StoredTensor):
+                tensor = StoredTensor(tensor, "f32", tensor.source)
+            yield name, tensor
+    return replace(ckpt, tensors=tensors, warnings=ckpt.warnings + [
+        f"dim {ckpt.config.dim} is not a multiple of {BLOCK}: matrices over dim stay f32"])
+
+
+def with_tokenizer(ckpt, tokenizer_path=None, chat_template=None):
+    """Apply the --tokenizer and --chat-template options and check the tokenizer against
+    the model's vocabulary (a mismatch would make the engine refuse it)."""
+    if tokenizer_path is not None:
+        ckpt = replace(ckpt, tokenizer=read_tokenizer_file(tokenizer_path))
+    if chat_template is not None:
+        if chat_template not in CHAT_TEMPLATES + ("none",):
+            raise DllmError(f"--chat-template must be one of {', '.join(CHAT_TEMPLATES)}, "
+                            f"none; got {chat_template!r}")
+        ckpt = replace(ckpt, chat_template=None if chat_template == "none" else chat_template)
+    if ckpt.tokenizer is None:
+        return replace(ckpt, warnings=ckpt.warnings + [
+            "no tokenizer found: the model serves logits and token ids; text generation "
+            "needs --tokenizer (or reconvert with --tokenizer PATH)"])
+    tok = Tokenizer(*ckpt.tokenizer)
+    if tok.vocab_size != ckpt.config.vocab_size:
+        if tokenizer_path is not None:
+            raise DllmError(f"{tokenizer_path} has {tok.vocab_size} tokens but the model's "
+                            f"vocabulary is {ckpt.config.vocab_size}")
+        return replace(ckpt, tokenizer=None, warnings=ckpt.warnings + [
+            f"the checkpoint's tokenizer has {tok.vocab_size} tokens but the model's "
+            f"vocabulary is {ckpt.config.vocab_size}; not embedded (the engine would refuse "
+            f"it): convert with --tokenizer PATH"])
+    return ckpt
+
+
+def prepare(ckpt, quant):
+    """The checkpoint as it will be written: hidden size padded, unblockable matrices f32."""
+    return keep_unblocked_f32(pad_hidden(ckpt), quant)
+
+
+def write_checkpoint(ckpt, out, quant, progress=False):
+    """Write a prepared checkpoint atomically (a progress bar on stderr when `progress`);
+    returns the TensorReports."""
+    progress = ProgressBar(ckpt.config) if progress else None
+    tokenizer_attrs = {}
+    if ckpt.chat_template:
+        tokenizer_attrs["chat_template"] = ckpt.chat_template
+    if ckpt.chat_template_jinja:
+        tokenizer_attrs["chat_template_jinja"] = ckpt.chat_template_jinja
+    try:
+        return write_model(out, ckpt.config, ckpt.tensors(), quant=quant,
+                           tokenizer=ckpt.tokenizer, metadata=ckpt.metadata, attrs=ckpt.attrs,
+                           tokenizer_attrs=tokenizer_attrs if ckpt.tokenizer else None,
+                           on_tensor=progress)
+    except OSError as exc:
+        raise DllmError(f"cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        if ckpt.close is not None:
+            ckpt.close()
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, weighted by tensor size; redrawn in place on a
+    terminal, one line per tenth otherwise (logs stay short)."""
+
+    def __init__(self, config, stream=None, width=30):
+        self.stream = stream or sys.stderr
+        self.total = sum(math.prod(s) for s in tensor_shapes(config).values())
+        self.done, self.width, self.started = 0, width, time.perf_counter()
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.last_tenth = -1
+
+    def __call__(self, index, count, report):
+        self.done += math.prod(report.shape)
+        frac = self.done / self.total
+        filled = int(frac * self.width)
+        line = (f"converting [{'#' * filled}{'.' * (self.width - filled)}] {frac:4.0%} "
+                f"{index}/{count} tensors {time.perf_counter() - self.started:6.1f} s  "
+                f"{report.name}")
+        if self.tty:
+            end = "\n" if index == count else ""
+            print(f"\r{line[:110]:110s}", end=end, file=self.stream, flush=True)
+        elif int(frac * 10) > self.last_tenth or index == count:
+            self.last_tenth = int(frac * 10)
+            print(line, file=self.stream, flush=True)
+
+
+def error_table(reports):
+    """The closing table: every tensor's source and stored type, size and the error of the
+    stored values (max |error|, rms error, and rms error relative to the tensor's rms)."""
+    lines = [f"{'tensor':28s} {'shape':>14s} {'from':>8s} {'to':>4s} {'size':>9s} "
+             f"{'max err':>9s} {'rms err':>9s} {'rel rms':>8s}"]
+    for r in reports:
+        shape = "x".join(map(str, r.shape))
+        if r.max_err is None:
+            errs = f"{'copied as stored':>28s}"
+        elif r.quant == "f32":
+            errs = f"{'exact':>28s}"
+        else:
+            errs = f"{r.max_err:9.2e} {r.rms_err:9.2e} {_relative(r):8.2%}"
+        lines.append(f"{r.name:28s} {shape:>14s} {r.source:>8s} {r.quant:>4s} "
+                     f"{_size(r.nbytes):>9s} {errs}")
+    total = f"{len(reports)} tensors, {_size(sum(r.nbytes for r in reports))}"
+    quantized = [r for r in reports if r.quant == "q40" and r.max_err is not None]
+    if quantized:
+        worst = max(quantized, key=_relative)
+        total += (f"; {len(quantized)} quantized to Q4_0 here, worst relative rms error "
+                  f"{_relative(worst):.2%} ({worst.name})")
+    return "\n".join(lines + [total])
+
+
+def _relative(report):
+    return report.rms_err / report.rms if report.rms else 0.0
+
+
+def _size(n):
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024

@@ -1,0 +1,337 @@
+"""Device and link profiles of a heterogeneous cluster, and the splits they imply.
+
+A profile describes every rank's device (memory it may use, relative speed) and the links
+between them; docs/parallelism.md specifies the file. From it:
+
+- pipeline: layers per rank in proportion to speed, never beyond a rank's memory (weights of
+  its layers + their KV cache; root also holds the embedding, final norm and classifier);
+- tensor: uneven slices, shares in proportion to speed, capped so every slice fits;
+- the planner (dllm.plan): per-layer time, classifier time and link costs.
+
+Pure functions of (config, quant, profile); only use_profile communicates.
+"""
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import DllmError
+from .shard import counts_to_ranges, proportional_counts
+
+UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+         "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+SHARE_UNITS = 10 ** 6   # resolution of tensor-parallel shares
+
+
+def parse_bytes(value, what="memory"):
+    """8000000000, "8GB", "7.5 GiB" -> bytes (int). Decimal kB/MB/GB, binary KiB/MiB/GiB."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in UNITS:
+        raise DllmError(f"{what} {value!r} is not a size such as 8GB, 512MiB or 4000000000")
+    try:
+        return int(float(match.group(1)) * UNITS[match.group(2).lower()])
+    except ValueError:
+        raise DllmError(f"{what} {value!r} is not a size such as 8GB, 512MiB or 4000000000") from None
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    host: str
+    memory: int          # bytes dllm may use on this rank (weights, KV cache)
+    speed: float = 1.0   # relative to the device layer_ms was measured on
+
+
+@dataclass(frozen=True)
+class Link:
+    latency: float       # seconds for a message of a few bytes, one way
+    bandwidth: float     # bytes per second
+
+    def seconds(self, nbytes):
+        return self.latency + nbytes / self.bandwidth
+
+
+@dataclass(frozen=True)
+class Profile:
+    """devices in rank order; links: ((name, name, Link), ...) between named devices;
+    default_link for other pairs, local_link for devices on the same host (else default).
+    layer_ms: decode time of one layer for one token on a speed-1.0 device; classifier_ms:
+    root's per-token work outside the layers (embedding, final norm, classifier, sampling).
+    layers: a fixed number of layers per rank (a plan), or None to split by speed."""
+    devices: tuple
+    links: tuple = ()
+    default_link: Link = None
+    local_link: Link = None
+    layer_ms: float = None
+    classifier_ms: float = None
+    layers: tuple = None
+
+    @property
+    def size(self):
+        return len(self.devices)
+
+    @property
+    def speeds(self):
+        return [d.speed for d in self.devices]
+
+    def link(self, i, j):
+        """The Link between the devices of ranks i and j."""
+        a, b = self.devices[i], self.devices[j]
+        for x, y, link in self.links:
+            if {x, y} == {a.name, b.name}:
+                return link
+        if a.host == b.host and self.local_link is not None:
+            return self.local_link
+        if self.default_link is None:
+            raise DllmError(f"profile has no link between {a.name} and {b.name} and no "
+                            f"default_link")
+        return self.default_link
+
+    def with_layers(self, layers):
+        return Profile(self.devices, self.links, self.default_link, self.local_link,
+                       self.layer_ms, self.classifier_ms, tuple(layers))
+
+    def to_dict(self):
+        def link(k):
+            return {"latency_ms": k.latency * 1e3, "bandwidth_mbit_s": k.bandwidth * 8 / 1e6}
+        out = {"devices": [asdict(d) for d in self.devices],
+               "links": [{"between": [a, b], **link(k)} for a, b, k in self.links]}
+        for key in ("default_link", "local_link"):
+            if getattr(self, key) is not None:
+                out[key] = link(getattr(self, key))
+        for key in ("layer_ms", "classifier_ms"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.layers is not None:
+            out["layers"] = list(self.layers)
+        return out
+
+    @classmethod
+    def from_dict(cls, data, source="profile"):
+        """Validate a profile read from JSON; DllmError names the field."""
+        if not isinstance(data, dict) or not isinstance(data.get("devices"), list) \
+                or not data["devices"]:
+            raise DllmError(f"{source}: needs a non-empty list \"devices\"")
+        devices = tuple(_device(d, i, source) for i, d in enumerate(data["devices"]))
+        names = [d.name for d in devices]
+        if len(set(names)) != len(names):
+            raise DllmError(f"{source}: device names must be unique, got {names}")
+        links = []
+        for entry in data.get("links", []):
+            pair = entry.get("between") if isinstance(entry, dict) else None
+            if not (isinstance(pair, list) and len(pair) == 2 and set(pair) <= set(names)):
+                raise DllmError(f"{source}: a link needs \"between\": two device names, "
+                                f"got {entry!r}")
+            links.append((pair[0], pair[1], _link(entry, source)))
+        layers = data.get("layers")
+        if layers is not None and not (isinstance(layers, list) and len(layers) == len(devices)
+                                       and all(isinstance(n, int) and n >= 0 for n in layers)):
+            raise DllmError(f"{source}: \"layers\" must list one count >= 0 per device "
+                            f"({len(devices)}), got {layers!r}")
+        times = {}
+        for key in ("layer_ms", "classifier_ms"):
+            if data.get(key) is not None:
+                times[key] = _positive(data[key], f"{source}: {key}")
+        return cls(devices, tuple(links),
+                   _link(data["default_link"], source) if "default_link" in data else None,
+                   _link(data["local_link"], source) if "local_link" in data else None,
+                   layers=tuple(layers) if layers is not None else None, **times)
+
+
+def _positive(value, what):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+            or not math.isfinite(value):
+        raise DllmError(f"{what} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _device(d, rank, source):
+    if not isinstance(d, dict) or "memory" not in d:
+        raise DllmError(f"{source}: device {rank} needs at least \"memory\", got {d!r}")
+    name = str(d.get("name", f"rank{rank}"))
+    return Device(name, str(d.get("host", name)),
+                  parse_bytes(d["memory"], f"{source}: memory of {name}"),
+                  _positive(d.get("speed", 1.0), f"{source}: speed of {name}"))
+
+
+def _link(entry, source):
+    if not isinstance(entry, dict):
+        raise DllmError(f"{source}: a link must be an object, got {entry!r}")
+    latency = entry.get("latency_ms", 0.0)
+    if isinstance(latency, bool) or not isinstance(latency, (int, float)) or latency < 0:
+        raise DllmError(f"{source}: latency_ms must be a number >= 0, got {latency!r}")
+    bandwidth = _positive(entry.get("bandwidth_mbit_s"), f"{source}: bandwidth_mbit_s")
+    return Link(latency / 1e3, bandwidth * 1e6 / 8)
+
+
+def read_profile(path):
+    """Profile from a JSON file (see docs/parallelism.md)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DllmError(f"profile not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DllmError(f"{path} is not JSON ({exc})") from None
+    return Profile.from_dict(data, str(path))
+
+
+def as_profile(profile):
+    """None, a path, a dict or a Profile -> Profile or None."""
+    if profile is None or isinstance(profile, Profile):
+        return profile
+    if isinstance(profile, dict):
+        return Profile.from_dict(profile)
+    return read_profile(profile)
+
+
+def use_profile(comm, profile):
+    """Collective: root reads the profile; every rank gets it, checked against the world."""
+    profile = comm.from_root(as_profile, profile)
+    if profile is not None and profile.size != comm.size:
+        raise DllmError(f"the profile lists {profile.size} devices but the job has "
+                        f"{comm.size} ranks: one device per rank, in rank order")
+    return profile
+
+
+# --- memory -----------------------------------------------------------------------------------
+def tensor_bytes(config, quant, name, rows=None, cols=None):
+    """Bytes of rows [a, b) x cols [c, d) of tensor `name` as stored (Q4_0: 18 per 32)."""
+    from .modelfile import tensor_quant, tensor_shapes
+    shape = tensor_shapes(config)["tok_embeddings" if name == "output" and
+                                  config.tie_embeddings else name]
+    n_rows = shape[0] if rows is None else rows[1] - rows[0]
+    if len(shape) == 1:
+        return 4 * n_rows
+    n_cols = shape[1] if cols is None else cols[1] - cols[0]
+    per_value = 18 / 32 if tensor_quant(shape, quant) == "q40" else 4
+    return int(n_rows * math.ceil(n_cols * per_value))
+
+
+def layer_bytes(config, quant):
+    """Weights of one layer as stored."""
+    from .model import LAYER_MATRICES
+    return sum(tensor_bytes(config, quant, f"layers/0/{n}")
+               for n in LAYER_MATRICES + ("attention_norm", "ffn_norm"))
+
+
+def kv_bytes(config, max_seq_len, kv_heads=None):
+    """KV cache of one layer for one sequence (float32 keys and values)."""
+    heads = config.n_kv_heads if kv_heads is None else kv_heads
+    return 2 * heads * max_seq_len * config.head_dim * 4
+
+
+def root_bytes(config, quant):
+    """What root holds besides layers in a pipeline: embedding, final norm, classifier."""
+    extra = 0 if config.tie_embeddings else tensor_bytes(config, quant, "output")
+    return tensor_bytes(config, quant, "tok_embeddings") + tensor_bytes(config, quant, "norm") + extra
+
+
+def stage_bytes(config, quant, n_layers, is_root, max_seq_len, sequences=1):
+    """Memory of a pipeline rank holding n_layers (weights + KV cache for `sequences`)."""
+    per_layer = layer_bytes(config, quant) + sequences * kv_bytes(config, max_seq_len)
+    return n_layers * per_layer + (root_bytes(config, quant) if is_root else 0)
+
+
+def layer_caps(config, quant, profile, max_seq_len, sequences=1):
+    """The most layers each rank's memory holds (after root's embedding and classifier)."""
+    per_layer = layer_bytes(config, quant) + sequences * kv_bytes(config, max_seq_len)
+    caps = []
+    for rank, device in enumerate(profile.devices):
+        free = device.memory - (root_bytes(config, quant) if rank == 0 else 0)
+        if free < 0:
+            raise DllmError(f"rank 0 ({device.name}) cannot hold the embedding and classifier: "
+                            f"{_mb(root_bytes(config, quant))} needed, {_mb(device.memory)} "
+                            f"in the profile")
+        caps.append(min(config.n_layers, free // per_layer))
+    return caps
+
+
+def assign_layers(config, quant, profile, max_seq_len, sequences=1):
+    """Layers per rank: the profile's fixed "layers" if given (checked against memory), else
+    in proportion to speed, never beyond a rank's memory (water-filling, largest remainder)."""
+    caps = layer_caps(config, quant, profile, max_seq_len, sequences)
+    if profile.layers is not None:
+        layers = list(profile.layers)
+        if sum(layers) != config.n_layers:
+            raise DllmError(f"the profile assigns {sum(layers)} layers but the model has "
+                            f"{config.n_layers}")
+        for rank, (n, cap) in enumerate(zip(layers, caps)):
+            if n > cap:
+                need = stage_bytes(config, quant, n, rank == 0, max_seq_len, sequences)
+                raise DllmError(f"rank {rank} ({profile.devices[rank].name}) cannot hold {n} "
+                                f"layers: {_mb(need)} needed, "
+                                f"{_mb(profile.devices[rank].memory)} in the profile")
+        return layers
+    if sum(caps) < config.n_layers:
+        raise DllmError(f"the model's {config.n_layers} layers do not fit the profile's memory: "
+                        f"the ranks hold at most {sum(caps)} ({', '.join(map(str, caps))}) "
+                        f"with a context of {max_seq_len}")
+    return proportional_counts(config.n_layers, profile.speeds, caps)
+
+
+def pipeline_stages(config, quant, size, profile, max_seq_len, sequences=1):
+    """(start, stop) layers of every rank: even without a profile, else assign_layers."""
+    if profile is None:
+        from .pipeline import split_layers
+        return split_layers(config.n_layers, size)
+    return counts_to_ranges(assign_layers(config, quant, profile, max_seq_len, sequences))
+
+
+def shard_bytes(config, quant, shard, is_root, max_seq_len):
+    """Memory of a tensor-parallel rank: its slices (dllm.loading.local_tensors) + KV cache."""
+    from .loading import local_tensors
+    weights = sum(tensor_bytes(config, quant, name, rows, cols)
+                  for _, name, rows, cols in local_tensors(config, shard, is_root))
+    return weights + config.n_layers * kv_bytes(config, max_seq_len, shard.n_kv_heads)
+
+
+def tensor_shares(config, quant, profile, max_seq_len):
+    """Shares of every rank's tensor-parallel slices: in proportion to speed, capped so that
+    a rank's fraction of the split bytes (and root's embedding) fits its memory. Slices are
+    whole heads and blocks, so a cap is lowered by what rounding added until every rank fits
+    (check_tensor_memory has the last word)."""
+    from .shard import plan
+    one = plan(config, 1)[0]
+    split = shard_bytes(config, quant, one, False, max_seq_len)   # everything that is split
+    embedding = tensor_bytes(config, quant, "tok_embeddings")
+    caps = []
+    for rank, device in enumerate(profile.devices):
+        free = device.memory - (embedding if rank == 0 else 0)
+        caps.append(max(0, int(SHARE_UNITS * free / split)))
+    for _ in range(8):
+        if sum(caps) < SHARE_UNITS:
+            raise DllmError(f"the model ({_mb(split + embedding)} with a context of "
+                            f"{max_seq_len}) does not fit the profile's memory "
+                            f"({_mb(sum(d.memory for d in profile.devices))})")
+        shares = proportional_counts(SHARE_UNITS, profile.speeds, caps)
+        if not all(shares):
+            return shares        # plan() names the rank without a share
+        shards = plan(config, profile.size, shares=shares)
+        over = [(s.rank, shard_bytes(config, quant, s, s.rank == 0, max_seq_len) - d.memory)
+                for s, d in zip(shards, profile.devices)]
+        if all(excess <= 0 for _, excess in over):
+            return shares
+        for rank, excess in over:
+            if excess > 0:
+                caps[rank] = min(caps[rank], shares[rank]) - math.ceil(
+                    SHARE_UNITS * excess / split) - SHARE_UNITS // (4 * config.n_heads)
+                caps[rank] = max(caps[rank], 0)
+    return shares
+
+
+def check_tensor_memory(config, quant, profile, shards, max_seq_len):
+    """Raise DllmError when a rank's slices (after rounding to heads and blocks) exceed its
+    memory in the profile."""
+    for shard, device in zip(shards, profile.devices):
+        need = shard_bytes(config, quant, shard, shard.rank == 0, max_seq_len)
+        if need > device.memory:
+            raise DllmError(f"rank {shard.rank} ({device.name}) needs {_mb(need)} for its "
+                            f"slices, more than the {_mb(device.memory)} in the profile")
+
+
+def _mb(nbytes):
+    return f"{nbytes / 1e6:.1f} MB"
