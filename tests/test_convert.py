@@ -7,7 +7,13 @@ one error line and leaves no file. Collective tests are marked mpi.
 """
 import json
 import math
+import os
+import signal
 import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -24,7 +30,7 @@ from dllm.kernels import rope_frequencies, rope_tables
 from dllm.modelfile import ModelFile, tensor_shapes
 from dllm.quant import dequantize_q40
 
-from conftest import WORLD, all_ranks, random_weights
+from conftest import SHARED, WORLD, all_ranks, random_weights
 from reference import _rope, reference_logits, relative_error
 
 TINY = ModelConfig(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96,
@@ -217,6 +223,9 @@ def test_converted_files_hold_the_same_weights(sources):
             assert mf.config == TINY
             for name, w in weights.items():
                 assert np.array_equal(mf.read(name), w), (path, name)
+    with ModelFile(sources["hf"]) as mf:     # the folder's path, not just its name ("hf")
+        folder = Path(sources["hf"]).parent / "hf"
+        assert mf.metadata()["source"] == f"hf:{folder.resolve()}"
 
 
 def test_llama2c_recovers_theta_and_hf_reads_bf16_shards(tmp_path):
@@ -413,9 +422,60 @@ def test_bad_input_gives_one_error_line_and_no_file(tmp_path, capsys):
     assert "--preset" in capsys.readouterr().err
 
 
+def one_error_line(capsys, argv, fragment):
+    """main(argv) fails with one error line (after any warnings) containing fragment."""
+    assert main(argv + ["--quiet"]) == 1, argv
+    err = [line for line in capsys.readouterr().err.strip().splitlines()
+           if not line.startswith("dllm.convert: warning: ")]
+    assert len(err) == 1 and err[0].startswith("dllm.convert: error: "), (argv, err)
+    assert fragment in err[0], (argv, err)
+
+
+def test_format_flag_on_a_missing_file_or_a_folder(tmp_path, capsys):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "short.bin").write_bytes(b"abc")
+    out = ["-o", str(tmp_path / "out.h5")]
+    for fmt in ("llama2c", "gguf"):
+        one_error_line(capsys, [str(tmp_path / "nope"), "--format", fmt] + out,
+                       "does not exist")
+        one_error_line(capsys, [str(tmp_path / "dir"), "--format", fmt] + out,
+                       "dir is a folder, not a")
+    one_error_line(capsys, [str(tmp_path / "short.bin"), "--format", "llama2c"] + out,
+                   "too short to be a llama2.c checkpoint")
+    one_error_line(capsys, [str(tmp_path / "nope"), "--format", "hf"] + out, "does not exist")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "short.bin"]
+
+
+def test_config_that_disagrees_with_the_tensors_is_one_error_line(tmp_path, capsys):
+    """An edited config.json or GGUF metadata: one line naming the tensor and both shapes,
+    before padding could hide it (intermediate_size 100 would pad to 128)."""
+    weights = random_weights(TINY, 2)
+    gate = "model.layers.0.mlp.gate_proj.weight"
+    cases = {
+        "intermediate_size": (128, f"{gate} has shape (96, 64), but config.json implies "
+                                   f"(128, 64)"),
+        "num_key_value_heads": (4, "model.layers.0.self_attn.k_proj.weight has shape "
+                                   "(32, 64), but config.json implies (64, 64)"),
+        "vocab_size": (100, "model.embed_tokens.weight has shape (96, 64), but config.json "
+                            "implies (100, 64)"),
+        "num_hidden_layers": (1, "tensors of layer 1 (model.layers.1.*), but config.json "
+                                 "says num_hidden_layers = 1")}
+    cases["intermediate_size 100"] = (100, f"{gate} has shape (96, 64), but config.json "
+                                           f"implies (100, 64)")
+    for key, (value, fragment) in cases.items():
+        folder = write_hf(tmp_path / "hf", weights, TINY,
+                          extra_config={key.split()[0]: value})
+        one_error_line(capsys, [str(folder), "-o", str(tmp_path / "m.h5")], fragment)
+    edited = ModelConfig(**{**TINY.to_dict(), "hidden_dim": 128})
+    for qtype in ("F32", "Q4_0"):     # a float tensor, and Q4_0 bytes copied as stored
+        write_gguf(tmp_path / "m.gguf", weights, edited, qtype=lambda n: qtype)
+        one_error_line(capsys, [str(tmp_path / "m.gguf"), "-o", str(tmp_path / "m.h5")],
+                       "blk.0.ffn_gate.weight has shape (96, 64), but the GGUF metadata "
+                       "implies (128, 64)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "m.gguf"]
+
+
 def test_command_line_error_has_no_traceback(tmp_path):
-    import subprocess
-    import sys
     (tmp_path / "junk.bin").write_bytes(b"not a model")
     result = subprocess.run([sys.executable, "-m", "dllm.convert", str(tmp_path / "junk.bin"),
                              "-o", str(tmp_path / "x.h5")], capture_output=True, text=True,
@@ -437,6 +497,39 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [tmp_path / "m.bin"]
     with pytest.raises(DllmError, match="--quant"):
         convert(tmp_path / "m.bin", tmp_path / "m.h5", "q8")
+
+
+def test_sigterm_mid_conversion_removes_the_temporary_file(tmp_path):
+    """A 7B-shaped synthetic model (2 layers, 0.37 GB) is still being written when the
+    temporary file appears; SIGTERM must remove it, print one line and exit 143."""
+    out = tmp_path / "big.h5"
+    proc = subprocess.Popen([sys.executable, "-m", "dllm.convert", "synthetic", "--preset",
+                             "llama2-7b", "--layers", "2", "-o", str(out), "--quiet"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".big.h5.tmp-*")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no temporary file appeared"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if "warning:" not in line]
+    assert proc.returncode == 143, err
+    assert lines == ["dllm.convert: interrupted; nothing written"], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temporary_files_of_dead_processes_are_removed(tmp_path, capsys):
+    write_llama2c(tmp_path / "m.bin", random_weights(TINY, 2), TINY)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".m.h5.tmp-{dead.pid}"
+    kept = [tmp_path / f".m.h5.tmp-{os.getppid()}", tmp_path / ".m.h5.tmp-x1",
+            tmp_path / f".other.h5.tmp-{dead.pid}"]
+    for p in [stale] + kept:
+        p.write_bytes(b"partial")
+    assert main([str(tmp_path / "m.bin"), "-o", str(tmp_path / "m.h5"), "--quiet"]) == 0
+    assert f"removed {stale}" in capsys.readouterr().err
+    assert sorted(tmp_path.iterdir()) == sorted(kept + [tmp_path / "m.bin", tmp_path / "m.h5"])
 
 
 # --- synthetic models, inspect -----------------------------------------------------------
@@ -469,6 +562,45 @@ def test_synthetic_reduced_preset_runs_with_finite_logits(tmp_path_factory):
         ok = (model.config.n_layers == 2 and model.config.dim == 2048 and
               np.isfinite(logits).all() and 0.3 < logits.std() < 3 and residual < 10)
     assert all_ranks(ok)
+
+
+def numbered_sentencepiece(n):
+    """A SentencePiece model of n pieces (unk, <s>, </s>, 256 bytes, then "▁w<i>")."""
+    from dllm.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, sentencepiece_model
+    pieces = [("<unk>", 0.0, UNKNOWN), ("<s>", 0.0, CONTROL), ("</s>", 0.0, CONTROL)]
+    pieces += [(f"<0x{b:02X}>", 0.0, BYTE) for b in range(256)]
+    return sentencepiece_model(pieces + [(f"\u2581w{i}", -float(i), NORMAL)
+                                         for i in range(n - len(pieces))])
+
+
+def test_synthetic_embeds_a_tokenizer_of_the_presets_vocabulary(tmp_path, capsys):
+    (tmp_path / "32000.model").write_bytes(numbered_sentencepiece(32000))
+    (tmp_path / "320.model").write_bytes(numbered_sentencepiece(320))
+    tokenizers = [tmp_path / "32000.model"]
+    llama2 = SHARED / "models" / "llama2-tokenizer" / "tokenizer.model"
+    tokenizers += [llama2] if llama2.is_file() else []
+    out = tmp_path / "syn.h5"
+    preset = ["synthetic", "--preset", "tinyllama-1.1b", "--layers", "1", "-o", str(out)]
+    for tokenizer in tokenizers:
+        assert main(preset + ["--tokenizer", str(tokenizer), "--chat-template", "llama2",
+                              "--quiet"]) == 0
+        assert "no tokenizer" not in capsys.readouterr().err
+        with ModelFile(out) as mf:
+            assert mf.tokenizer() == ("sentencepiece", tokenizer.read_bytes())
+            assert mf.chat_template() == "llama2"
+    out.unlink()
+    for args, fragment in (
+            (["--tokenizer", str(tmp_path / "320.model")],
+             "320.model has 320 tokens but the model's vocabulary is 32000"),
+            (["--format", "hf"], "--format applies to checkpoint files, not to 'synthetic'"),
+            (["--chat-template", "llama2"], "--chat-template llama2 needs a tokenizer"),
+            (["--tokenizer", str(tmp_path / "32000.model"), "--chat-template", "llama3"],
+             "--chat-template llama3 needs the token <|begin_of_text|>, which this "
+             "tokenizer lacks")):
+        one_error_line(capsys, preset + args, fragment)
+    one_error_line(capsys, [str(tmp_path / "32000.model"), "-o", str(out), "--seed", "1"],
+                   "--seed apply to 'synthetic' only")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["320.model", "32000.model"]
 
 
 def test_inspect_shows_config_tokenizer_tensors_and_memory_per_rank(sources, capsys):

@@ -8,6 +8,7 @@ of ../shared are checked when present.
 import io
 import json
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -244,6 +245,53 @@ def test_hf_tokenizer_json_and_llama3_chat(bpe_json, tmp_path):
     with ModelFile(tmp_path / "m.h5") as mf:
         assert mf.tokenizer()[0] == "tokenizers" and mf.chat_template() == "llama3"
         assert "start_header_id" in mf.h5["tokenizer"].attrs["chat_template_jinja"]
+
+
+def test_tokenizer_json_without_the_tokenizers_package(bpe_json, tmp_path, monkeypatch):
+    """A Llama 3 folder with only tokenizer.json converts without `tokenizers`: the JSON is
+    embedded as it is, its vocabulary counted from the JSON (as tokenizers counts it)."""
+    from dllm.converters.common import tokenizer_json_tokens
+    size = Tokenizer("tokenizers", bpe_json.encode()).vocab_size
+    assert len(tokenizer_json_tokens(bpe_json.encode())) == size
+    monkeypatch.setitem(sys.modules, "tokenizers", None)      # import tokenizers fails
+    with pytest.raises(DllmError, match="needs the 'tokenizers' package"):
+        Tokenizer("tokenizers", bpe_json.encode())
+    for vocab, embedded in ((size, True), (size + 1, False)):
+        cfg = ModelConfig(dim=32, hidden_dim=64, n_layers=1, n_heads=2, n_kv_heads=2,
+                          vocab_size=vocab, max_seq_len=64, bos_id=0, eos_id=1)
+        folder = write_hf(tmp_path / f"hf{vocab}", random_weights(cfg, 0), cfg)
+        (folder / "tokenizer.json").write_text(bpe_json)
+        logged = []
+        convert(folder, tmp_path / "m.h5", "q40", chat_template="llama3", log=logged.append)
+        with ModelFile(tmp_path / "m.h5") as mf:
+            if embedded:
+                assert mf.tokenizer() == ("tokenizers", bpe_json.encode())
+                assert mf.chat_template() == "llama3"
+                assert any("not installed" in m and f"its {size} tokens were counted" in m
+                           for m in logged), logged
+            else:
+                assert mf.tokenizer() is None
+                assert any(f"has {size} tokens but the model's vocabulary is {size + 1}" in m
+                           for m in logged), logged
+
+
+def test_llama3_chat_template_needs_the_llama3_header_tokens(sp_model, tmp_path):
+    cfg = ModelConfig(dim=32, hidden_dim=64, n_layers=1, n_heads=2, n_kv_heads=2,
+                      vocab_size=320, max_seq_len=64)
+    folder = write_hf(tmp_path / "hf", random_weights(cfg, 0), cfg)
+    (folder / "tokenizer.model").write_bytes(sp_model)
+    with pytest.raises(DllmError, match=r"--chat-template llama3 needs the token "
+                                        r"<\|begin_of_text\|>, which this tokenizer lacks"):
+        convert(folder, tmp_path / "m.h5", "q40", chat_template="llama3", log=lambda m: None)
+    assert not (tmp_path / "m.h5").exists()
+    # detected from the source's Jinja, not asked for: dropped with a warning
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": "{{ '<|start_header_id|>' + m.role + '<|end_header_id|>' }}"}))
+    logged = []
+    convert(folder, tmp_path / "m.h5", "q40", log=logged.append)
+    with ModelFile(tmp_path / "m.h5") as mf:
+        assert mf.tokenizer()[0] == "sentencepiece" and mf.chat_template() is None
+    assert any("chat template is Llama 3's, but its tokenizer lacks" in m for m in logged)
 
 
 def test_llama2_chat_prompt(sp_model):

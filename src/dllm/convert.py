@@ -1,14 +1,18 @@
 """python -m dllm.convert: checkpoints to the dllm model file.
 
     python -m dllm.convert SRC -o OUT.h5 [--quant q40|f32] [--tokenizer PATH]
-    python -m dllm.convert synthetic --preset llama2-7b [--layers N] -o OUT.h5
+    python -m dllm.convert synthetic --preset llama2-7b [--layers N] [--tokenizer PATH] -o OUT.h5
 
 SRC is a Hugging Face Llama folder, a GGUF file or a llama2.c .bin, told apart by content
 (dllm.converters). Tensors are read and written one at a time, in blocks of rows, so memory
 stays bounded; the file is written under a temporary name and renamed when complete. A
 progress bar and a closing table of each tensor's quantization error go to stderr.
+SIGINT and SIGTERM remove the temporary file; one left by a killed conversion is removed by
+the next conversion to the same name.
 """
+import signal
 import sys
+import threading
 
 from .cli import ArgumentParser
 from .converters import FORMATS, open_checkpoint
@@ -16,9 +20,15 @@ from .converters.common import error_table, prepare, with_tokenizer, write_check
 from .converters.hf import HF_NAMES, hf_to_interleaved  # noqa: F401  (public API)
 from .converters.synthetic import PRESETS, read_synthetic
 from .errors import DllmError
+from .modelfile import remove_stale_temporaries
 from .tokenizer import CHAT_TEMPLATES
 
 PROG = "dllm.convert"
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that write_model removes its temporary file
+    (a BaseException, so no `except Exception` on the way swallows it)."""
 
 
 def convert(source, out, quant="q40", fmt=None, tokenizer=None, chat_template=None,
@@ -29,10 +39,7 @@ def convert(source, out, quant="q40", fmt=None, tokenizer=None, chat_template=No
         raise DllmError(f"--quant must be q40 or f32, got {quant!r}")
     ckpt = prepare(with_tokenizer(open_checkpoint(source, quant, fmt, tokenizer), tokenizer,
                                   chat_template), quant)
-    for warning in ckpt.warnings:
-        log(f"{PROG}: warning: {warning}")
-    reports = write_checkpoint(ckpt, out, quant, progress)
-    return ckpt.config, reports
+    return ckpt.config, _write(ckpt, out, quant, progress, log)
 
 
 def convert_hf(folder, out, quant="q40", log=print):
@@ -40,12 +47,21 @@ def convert_hf(folder, out, quant="q40", log=print):
     return convert(folder, out, quant, fmt="hf", log=log)[0]
 
 
-def convert_synthetic(preset, out, layers=None, seed=0, progress=False, log=print):
-    """Write random Q4_0 weights of a preset's shapes; returns (config, TensorReports)."""
-    ckpt = prepare(read_synthetic(preset, layers, seed), "q40")
+def convert_synthetic(preset, out, layers=None, seed=0, progress=False, log=print,
+                      tokenizer=None, chat_template=None):
+    """Write random Q4_0 weights of a preset's shapes, with the tokenizer file `tokenizer`
+    (of the preset's vocabulary size) when given; returns (config, TensorReports)."""
+    ckpt = prepare(with_tokenizer(read_synthetic(preset, layers, seed), tokenizer,
+                                  chat_template), "q40")
+    return ckpt.config, _write(ckpt, out, "q40", progress, log)
+
+
+def _write(ckpt, out, quant, progress, log):
     for warning in ckpt.warnings:
         log(f"{PROG}: warning: {warning}")
-    return ckpt.config, write_checkpoint(ckpt, out, "q40", progress)
+    for stale in remove_stale_temporaries(out):
+        log(f"{PROG}: removed {stale}, left by a conversion that no longer runs")
+    return write_checkpoint(ckpt, out, quant, progress)
 
 
 def build_parser():
@@ -59,29 +75,46 @@ def build_parser():
     p.add_argument("--format", default=None, choices=FORMATS,
                    help="source format (default: detected from the content)")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
-                   help="tokenizer to embed instead of the checkpoint's: tokenizer.model, "
-                        "llama2.c tokenizer.bin or tokenizer.json")
+                   help="tokenizer to embed instead of the checkpoint's (synthetic: one of "
+                        "the preset's vocabulary size): tokenizer.model, llama2.c "
+                        "tokenizer.bin or tokenizer.json")
     p.add_argument("--chat-template", default=None, choices=CHAT_TEMPLATES + ("none",),
                    help="chat template to store (default: detected from the checkpoint)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="synthetic: the model shape")
     p.add_argument("--layers", type=int, default=None,
                    help="synthetic: number of layers (default: the preset's)")
-    p.add_argument("--seed", type=int, default=0, help="synthetic: random seed (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="synthetic: random seed (default 0)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar and no error table (warnings still print)")
     return p
 
 
 def main(argv=None):
+    previous = _catch_sigterm()
     try:
         return _main(argv)
     except DllmError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
         return 1
-    except KeyboardInterrupt:   # write_model has removed its temporary file
+    except (KeyboardInterrupt, Terminated) as exc:   # write_model removed its temporary file
         print(f"{PROG}: interrupted; nothing written", file=sys.stderr, flush=True)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130   # 128 + SIGTERM / SIGINT
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _catch_sigterm():
+    """Make SIGTERM raise Terminated (only the main thread may set handlers); returns the
+    handler to restore, or None."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # let the cleanup finish
+        raise Terminated
+    return signal.signal(signal.SIGTERM, terminated)
 
 
 def _main(argv):
@@ -95,12 +128,15 @@ def _main(argv):
             raise DllmError(f"synthetic needs --preset ({', '.join(PRESETS)})")
         if args.quant != "q40":
             raise DllmError("synthetic models are written with Q40 weights only")
-        config, reports = convert_synthetic(args.preset, args.output, args.layers, args.seed,
-                                            not args.quiet, log)
+        if args.format is not None:
+            raise DllmError("--format applies to checkpoint files, not to 'synthetic'")
+        config, reports = convert_synthetic(args.preset, args.output, args.layers,
+                                            args.seed or 0, not args.quiet, log,
+                                            args.tokenizer, args.chat_template)
         quant = "q40"
     else:
-        if args.preset is not None or args.layers is not None:
-            raise DllmError("--preset and --layers apply to 'synthetic' only")
+        if args.preset is not None or args.layers is not None or args.seed is not None:
+            raise DllmError("--preset, --layers and --seed apply to 'synthetic' only")
         config, reports = convert(args.source, args.output, args.quant, args.format,
                                   args.tokenizer, args.chat_template, not args.quiet, log)
         quant = args.quant

@@ -31,6 +31,8 @@ def detect_format(source):
         if is_hf_folder(path):
             return "hf"
         raise DllmError(f"{path} is a folder without config.json: not a Hugging Face model")
+    if not path.is_file():      # a FIFO or device: reading it could block or never end
+        raise DllmError(f"{path} is not a regular file")
     try:
         if is_gguf(path):
             return "gguf"
@@ -45,8 +47,12 @@ def detect_format(source):
 def open_checkpoint(source, quant="q40", fmt=None, tokenizer_path=None):
     """Open `source` as a common.Checkpoint (fmt: one of FORMATS, detected when None)."""
     fmt = fmt or detect_format(source)
+    if fmt in ("gguf", "llama2c"):
+        _check_file(Path(source), "GGUF" if fmt == "gguf" else "llama2.c")
     if fmt == "hf":
         from .hf import is_hf_folder, read_hf
+        if not Path(source).exists():
+            raise DllmError(f"{source} does not exist")
         if not is_hf_folder(Path(source)):
             raise DllmError(f"{source} is not a Hugging Face model folder (no config.json)")
         return read_hf(source)
@@ -62,3 +68,13 @@ def open_checkpoint(source, quant="q40", fmt=None, tokenizer_path=None):
         from .llama2c import read_llama2c
         return read_llama2c(source, tokenizer_path)
     raise DllmError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+def _check_file(path, kind):
+    """--format gguf/llama2c name a file: say so in one line before any reader opens it."""
+    if not path.exists():
+        raise DllmError(f"{path} does not exist")
+    if path.is_dir():
+        raise DllmError(f"{path} is a folder, not a {kind} file")
+    if not path.is_file():
+        raise DllmError(f"{path} is not a regular file (a {kind} checkpoint is one)")

@@ -1,5 +1,6 @@
 """What every source format shares: lazy tensors, the checkpoint record, the writing driver
 with its hidden-size padding, progress bar and closing error table."""
+import json
 import math
 import sys
 import time
@@ -9,6 +10,7 @@ import numpy as np
 
 from ..errors import DllmError
 from ..modelfile import StoredTensor, tensor_shapes, write_model
+from ..quant import Q40_BLOCK_BYTES
 from ..tokenizer import CHAT_TEMPLATES, Tokenizer, read_tokenizer_file
 
 BLOCK = 32
@@ -77,7 +79,9 @@ class Checkpoint:
     """A source checkpoint opened for conversion.
 
     tensors(): yields (dllm name, tensor) one at a time; a tensor is a LazyTensor of floats or
-    a StoredTensor (Q4_0 bytes copied as they are). tokenizer: (kind, bytes) or None."""
+    a StoredTensor (Q4_0 bytes copied as they are). tokenizer: (kind, bytes) or None.
+    config_origin: where the config came from, for errors ("config.json"); source_names:
+    dllm name -> the source's own tensor name, for errors."""
     config: object
     tensors: object
     tokenizer: tuple = None
@@ -87,6 +91,8 @@ class Checkpoint:
     attrs: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
     close: object = None
+    config_origin: str = "the checkpoint's config"
+    source_names: dict = field(default_factory=dict)
 
 
 def hidden_padding(config):
@@ -150,7 +156,8 @@ def keep_unblocked_f32(ckpt, quant):
 
 def with_tokenizer(ckpt, tokenizer_path=None, chat_template=None):
     """Apply the --tokenizer and --chat-template options and check the tokenizer against
-    the model's vocabulary (a mismatch would make the engine refuse it)."""
+    the model's vocabulary (a mismatch would make the engine refuse it) and against the
+    chat template (llama3 needs its header tokens)."""
     if tokenizer_path is not None:
         ckpt = replace(ckpt, tokenizer=read_tokenizer_file(tokenizer_path))
     if chat_template is not None:
@@ -159,24 +166,112 @@ def with_tokenizer(ckpt, tokenizer_path=None, chat_template=None):
                             f"none; got {chat_template!r}")
         ckpt = replace(ckpt, chat_template=None if chat_template == "none" else chat_template)
     if ckpt.tokenizer is None:
-        return replace(ckpt, warnings=ckpt.warnings + [
+        if ckpt.chat_template is not None and chat_template is not None:
+            raise DllmError(f"--chat-template {chat_template} needs a tokenizer and this "
+                            f"checkpoint has none: add --tokenizer PATH")
+        return replace(ckpt, chat_template=None, warnings=ckpt.warnings + [
             "no tokenizer found: the model serves logits and token ids; text generation "
             "needs --tokenizer (or reconvert with --tokenizer PATH)"])
-    tok = Tokenizer(*ckpt.tokenizer)
-    if tok.vocab_size != ckpt.config.vocab_size:
+    vocab_size, has_token, unchecked = tokenizer_facts(*ckpt.tokenizer)
+    if vocab_size != ckpt.config.vocab_size:
         if tokenizer_path is not None:
-            raise DllmError(f"{tokenizer_path} has {tok.vocab_size} tokens but the model's "
+            raise DllmError(f"{tokenizer_path} has {vocab_size} tokens but the model's "
                             f"vocabulary is {ckpt.config.vocab_size}")
         return replace(ckpt, tokenizer=None, warnings=ckpt.warnings + [
-            f"the checkpoint's tokenizer has {tok.vocab_size} tokens but the model's "
+            f"the checkpoint's tokenizer has {vocab_size} tokens but the model's "
             f"vocabulary is {ckpt.config.vocab_size}; not embedded (the engine would refuse "
             f"it): convert with --tokenizer PATH"])
-    return ckpt
+    if unchecked:
+        ckpt = replace(ckpt, warnings=ckpt.warnings + [unchecked])
+    return _check_chat_template(ckpt, has_token, explicit=chat_template is not None)
+
+
+# Tokens dllm's llama3 chat prompt is built from (tokenizer.chat_prompt_ids).
+LLAMA3_CHAT_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                      "<|eot_id|>")
+
+
+def _check_chat_template(ckpt, has_token, explicit):
+    """A llama3 template with a tokenizer that lacks its header tokens: an error when asked
+    for (--chat-template), else the detected template is dropped with a warning."""
+    if ckpt.chat_template != "llama3":
+        return ckpt
+    missing = [t for t in LLAMA3_CHAT_TOKENS if not has_token(t)]
+    if not missing:
+        return ckpt
+    if explicit:
+        raise DllmError(f"--chat-template llama3 needs the token {missing[0]}, which this "
+                        f"tokenizer lacks (it is not a Llama 3 tokenizer)")
+    return replace(ckpt, chat_template=None, warnings=ckpt.warnings + [
+        f"the checkpoint's chat template is Llama 3's, but its tokenizer lacks {missing[0]}; "
+        f"no chat template stored"])
+
+
+def tokenizer_facts(kind, blob):
+    """(vocab size, has_token(text) -> bool, warning or None) of a serialized tokenizer.
+
+    Without the optional `tokenizers` package a tokenizer.json cannot be loaded here; its
+    tokens are then counted from the JSON itself (the model's vocabulary plus the added
+    tokens, as tokenizers counts them) and the warning says it was not checked."""
+    if kind == "tokenizers":
+        try:
+            import tokenizers  # noqa: F401
+        except ImportError:
+            tokens = tokenizer_json_tokens(blob)
+            return len(tokens), tokens.__contains__, (
+                f"tokenizer.json embedded without checking it: the 'tokenizers' package is "
+                f"not installed (its {len(tokens)} tokens were counted from the JSON; "
+                f"pip install 'dllm[convert]' to check it, and to generate text)")
+    tok = Tokenizer(kind, blob)
+    return tok.vocab_size, lambda text: tok.piece_to_id(text) is not None, None
+
+
+def tokenizer_json_tokens(blob):
+    """The set of token strings of a Hugging Face tokenizer.json: model.vocab (a dict for
+    BPE/WordPiece, a list of [piece, score] for Unigram) and added_tokens."""
+    try:
+        doc = json.loads(bytes(blob).decode())
+        vocab = doc["model"]["vocab"]
+        tokens = set(vocab) if isinstance(vocab, dict) else {entry[0] for entry in vocab}
+        tokens |= {t["content"] for t in doc.get("added_tokens") or []}
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise DllmError(f"tokenizer.json cannot be read: {exc}") from None
+    return tokens
+
+
+def check_shapes(ckpt):
+    """Each tensor checked, as it arrives, against the shape its config implies: a config
+    that disagrees with the weights (an edited config.json, GGUF metadata) is the user's
+    input, so it is a DllmError, raised before the tensor is read (and before padding,
+    which would otherwise hide a short FFN)."""
+    shapes = tensor_shapes(ckpt.config)
+    source_tensors = ckpt.tensors
+
+    def tensors():
+        for name, tensor in source_tensors():
+            expected = shapes.get(name)
+            got = _logical_shape(tensor)
+            if expected is not None and got != expected:
+                raise DllmError(f"checkpoint tensor {ckpt.source_names.get(name, name)} has "
+                                f"shape {got}, but {ckpt.config_origin} implies {expected}")
+            yield name, tensor
+    return replace(ckpt, tensors=tensors)
+
+
+def _logical_shape(tensor):
+    """Shape of the values a tensor holds (a Q4_0 StoredTensor's rows are 18-byte blocks)."""
+    if not isinstance(tensor, StoredTensor):
+        return tuple(int(n) for n in tensor.shape)
+    shape = tuple(int(n) for n in tensor.data.shape)
+    if tensor.quant == "q40" and len(shape) == 2 and shape[1] % Q40_BLOCK_BYTES == 0:
+        return shape[0], shape[1] // Q40_BLOCK_BYTES * BLOCK
+    return shape
 
 
 def prepare(ckpt, quant):
-    """The checkpoint as it will be written: hidden size padded, unblockable matrices f32."""
-    return keep_unblocked_f32(pad_hidden(ckpt), quant)
+    """The checkpoint as it will be written: shapes checked against the config, hidden size
+    padded, unblockable matrices f32."""
+    return keep_unblocked_f32(pad_hidden(check_shapes(ckpt)), quant)
 
 
 def write_checkpoint(ckpt, out, quant, progress=False):

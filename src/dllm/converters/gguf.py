@@ -75,7 +75,8 @@ def read_gguf(path, quant):
                       detect_chat_template(jinja), jinja,
                       metadata={"source": f"gguf:{os.path.basename(path)}",
                                 "source_format": "gguf"},
-                      warnings=warnings)
+                      warnings=warnings, config_origin="the GGUF metadata",
+                      source_names={ours: g for g, ours in gguf_names(config).items()})
 
 
 class GGUFMeta:
@@ -157,14 +158,20 @@ def gguf_rope_scaling(meta, tensors, head_dim, theta, path):
                     f"llama3)")
 
 
-def gguf_tensors(tensors, config, quant):
-    """Yield (dllm name, tensor) of a llama GGUF, one at a time."""
+def gguf_names(config):
+    """{GGUF name: dllm name} of every tensor the config implies."""
     names = {g: ours for g, ours in GGUF_NAMES.items() if "{i}" not in g}
     if config.tie_embeddings:
         names.pop("output.weight")
     for i in range(config.n_layers):
         names.update({g.format(i=i): ours.format(i=i) for g, ours in GGUF_NAMES.items()
                       if "{i}" in g})
+    return names
+
+
+def gguf_tensors(tensors, config, quant):
+    """Yield (dllm name, tensor) of a llama GGUF, one at a time."""
+    names = gguf_names(config)
     missing = [n for n in names if n not in tensors]
     if missing:
         raise DllmError(f"GGUF file lacks {missing[0]} ({len(missing)} tensors missing)")

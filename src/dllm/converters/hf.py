@@ -68,8 +68,9 @@ def read_hf(folder):
     files = SafetensorsFolder(folder)
     tokenizer, template, jinja = hf_tokenizer(folder)
     return Checkpoint(config, lambda: hf_tensors(files, config), tokenizer, template, jinja,
-                      metadata={"source": f"hf:{folder.name}", "source_format": "hf"},
-                      warnings=notes)
+                      metadata={"source": f"hf:{folder.resolve()}", "source_format": "hf"},
+                      warnings=notes, config_origin="config.json",
+                      source_names={ours: hf for hf, ours in hf_names(config).items()})
 
 
 def hf_config(folder):
@@ -217,17 +218,27 @@ class SafetensorsFolder:
         return self.where[name].tensor(name)
 
 
-def hf_tensors(files, config):
-    """Yield (dllm name, LazyTensor) of an HF Llama folder, one tensor at a time."""
+def hf_names(config):
+    """{HF name: dllm name} of every tensor the config implies."""
     names = {hf: ours for hf, ours in HF_NAMES.items() if "{i}" not in hf}
     if config.tie_embeddings:
         names.pop("lm_head.weight")
     for i in range(config.n_layers):
         names.update({hf.format(i=i): ours.format(i=i) for hf, ours in HF_NAMES.items()
                       if "{i}" in hf})
+    return names
+
+
+def hf_tensors(files, config):
+    """Yield (dllm name, LazyTensor) of an HF Llama folder, one tensor at a time."""
+    names = hf_names(config)
     missing = [n for n in names if n not in files.where]
     if missing:
         raise DllmError(f"checkpoint lacks {missing[0]} ({len(missing)} tensors missing)")
+    beyond = f"model.layers.{config.n_layers}."
+    if any(n.startswith(beyond) for n in files.where):
+        raise DllmError(f"checkpoint has tensors of layer {config.n_layers} ({beyond}*), but "
+                        f"config.json says num_hidden_layers = {config.n_layers}")
     for hf, ours in names.items():
         tensor = files.tensor(hf)
         if ours.endswith("/wq"):

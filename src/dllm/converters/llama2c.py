@@ -83,7 +83,13 @@ def _v0_size(values, shared):
 def read_llama2c(path, tokenizer_path=None):
     """Open a llama2.c checkpoint as a Checkpoint."""
     path = Path(path)
-    version, values, shared = _header(path)
+    try:
+        head = _header(path)
+    except OSError as exc:
+        raise DllmError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    if head is None:
+        raise DllmError(f"{path} is too short to be a llama2.c checkpoint")
+    version, values, shared = head
     if version not in (0, 1):
         raise DllmError(f"{path}: llama2.c export version {version} is not supported "
                         f"(dllm reads the legacy format and version 1, float32)")
@@ -118,7 +124,7 @@ def read_llama2c(path, tokenizer_path=None):
     return Checkpoint(config, lambda: llama2c_tensors(arrays, config), tokenizer,
                       metadata={"source": f"llama2c:{path.name}",
                                 "source_format": f"llama2c-v{version}"},
-                      warnings=warnings)
+                      warnings=warnings, config_origin="the llama2.c header")
 
 
 def llama2c_tensors(arrays, config):

@@ -51,8 +51,8 @@ def read_synthetic(preset, layers=None, seed=0):
     name = f"synthetic:{preset}" + (f":{layers}-layers" if layers else "")
     return Checkpoint(config, lambda: synthetic_tensors(config, rng),
                       metadata={"source": name, "source_format": "synthetic", "seed": seed},
-                      warnings=["synthetic weights: random, no tokenizer (logits and token "
-                                "ids only)"])
+                      warnings=["synthetic weights: random values of the preset's shapes"],
+                      config_origin=f"the preset {preset}")
 
 
 def synthetic_tensors(config, rng):
