@@ -109,6 +109,32 @@ def without_timings(results):
             "subjects": subjects}
 
 
+def interrupt_at(target):
+    """A hook that stops the run (as Ctrl-C would) when called with `target`."""
+    def hook(*where):
+        if where == target:
+            raise KeyboardInterrupt
+    return hook
+
+
+def root_reads(path):
+    """Root's reading of a JSON file, on every rank (other ranks may get there first)."""
+    return WORLD.bcast(json.loads(open(path).read()) if WORLD.is_root else None)
+
+
+class Steps:
+    """A progress object that counts what it is told."""
+
+    def __init__(self):
+        self.total, self.note, self.steps = None, None, 0
+
+    def start(self, total, note=None):
+        self.total, self.note = total, note
+
+    def step(self, label):
+        self.steps += 1
+
+
 # --- data and prompts (pure) ----------------------------------------------------------------
 def test_read_questions_keeps_commas_quotes_and_newlines(toy):
     questions = evaluate.read_questions(f"{toy}/test/toy_arithmetic_test.csv")
@@ -176,11 +202,38 @@ def test_subjects_and_data_folder_errors(toy, tmp_path):
         evaluate.read_questions(bad)
 
 
+def test_bad_data_files_give_one_error_naming_the_file(tmp_path):
+    (tmp_path / "test").mkdir()
+    test = tmp_path / "test" / "s_test.csv"
+    test.write_text("q,a,b,c,d,A\n")
+    with pytest.raises(DllmError, match=r"MMLU file not found: .*dev/s_dev\.csv"):
+        evaluate.read_subject(tmp_path, "s", 5)          # test/ without dev/
+    assert evaluate.read_subject(tmp_path, "s", 0)[1][0].answer == "A"   # zero-shot needs none
+    test.write_bytes("caf\u00e9,a,b,c,d,A\n".encode("latin-1"))
+    with pytest.raises(DllmError, match=r"s_test\.csv is not UTF-8 text"):
+        evaluate.read_questions(test)
+    test.write_text('"' + "x" * 200_000 + '",a,b,c,d,A\n')   # over csv's field size limit
+    with pytest.raises(DllmError, match=r"s_test\.csv is not a readable CSV file"):
+        evaluate.read_questions(test)
+
+
 def test_real_mmlu_layout(mmlu):
     subjects = evaluate.list_subjects(mmlu)
     assert len(subjects) == 57 and "abstract_algebra" in subjects
     dev, test = evaluate.read_subject(mmlu, "abstract_algebra", 5)
     assert len(dev) == 5 and len(test) == 100 and dev[0].answer == "B"
+
+
+def test_replay_chain_rebuilds_the_cache_a_resumed_prompt_reads():
+    # Prompt 0 computed [0, 30); 1 and 2 shared 50 ids with their predecessors; 3 shared
+    # only 30 (fewer shots), so it rewrote [30, ..); 4 and 5 share 60.
+    starts = [0, 50, 50, 30, 60, 60]
+    assert evaluate.replay_chain(starts, 5) == [0, 3]
+    assert evaluate.replay_chain(starts, 3) == [0]
+    assert evaluate.replay_chain(starts, 0) == [] and evaluate.replay_chain(starts, 6) == []
+    prompts = [[1, 5, 6, 7], [1, 5, 6, 8], [1, 5, 9], [1, 5, 9]]
+    assert evaluate.prompt_starts(prompts) == [0, 3, 2, 2]   # a repeat reruns its last id
+    assert evaluate.prompt_starts(prompts, reuse_prefix=False) == [0, 0, 0, 0]
 
 
 def test_perplexity_windows_follow_the_reference_method():
@@ -227,7 +280,7 @@ def test_compare_gives_paired_difference_interval_and_subject_changes():
 
 def test_results_file_of_other_settings_or_kind_is_never_overwritten(tmp_path):
     path = tmp_path / "r.json"
-    path.write_text(json.dumps({"kind": evaluate.RESULTS_KIND, "settings": {"shots": 5}}))
+    path.write_text(json.dumps(evaluate.new_results({"shots": 5}, {"A": [1]})))
     assert evaluate.load_results(path, {"shots": 5})["settings"] == {"shots": 5}
     with pytest.raises(DllmError, match="shots 5, this run has 3"):
         evaluate.load_results(path, {"shots": 3})
@@ -235,6 +288,52 @@ def test_results_file_of_other_settings_or_kind_is_never_overwritten(tmp_path):
     with pytest.raises(DllmError, match="not a dllm MMLU results file"):
         evaluate.load_results(path, {"shots": 5})
     assert evaluate.load_results(tmp_path / "new.json", {"shots": 5}) is None
+
+
+@pytest.mark.parametrize("change,why", [
+    (lambda r: r.pop("runs"), '"runs" is missing'),
+    (lambda r: r.update(subjects=[]), '"subjects" is not a JSON object'),
+    (lambda r: r["subjects"]["s"].pop("questions"), "subject s: it has no list of questions"),
+    (lambda r: r["subjects"]["s"]["questions"][0].update(logprobs=[1]), "not 4 numbers"),
+    (lambda r: r["in_progress"].update(t={"questions": [], "seconds": 0}), "tokens_forwarded"),
+])
+def test_a_damaged_results_file_is_refused_in_one_line(tmp_path, change, why):
+    results = evaluate.new_results({"shots": 5}, {"A": [1]})
+    results["subjects"] = fake_results({"s": [True, False]})["subjects"]
+    change(results)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(results))
+    with pytest.raises(DllmError, match="is not a dllm MMLU results file: .*" + why):
+        evaluate.load_results(path, {"shots": 5})
+
+
+@pytest.mark.parametrize("data,why", [
+    ([1, 2], "not a dllm MMLU or perplexity results file: it holds an array"),
+    ({"kind": evaluate.RESULTS_KIND}, 'not a dllm MMLU results file: "settings" is missing'),
+    ({"kind": evaluate.RESULTS_KIND, "settings": {}, "subjects": {"s": {"n": 1}}},
+     "not a dllm MMLU results file: subject s: it has no list of questions"),
+    ({"perplexity": "x"}, 'not a dllm perplexity results file: "perplexity" is not a number'),
+    ({"kind": evaluate.PERPLEXITY_KIND, "version": 1, "settings": {}, "runs": [],
+      "window_nll": [1.0], "windows": 2, "seconds": 1.0},
+     r"not a dllm perplexity results file: the run is unfinished \(1 of 2 windows\)"),
+])
+def test_compare_names_a_file_that_is_not_results(data, why):
+    with pytest.raises(DllmError, match="x.json is " + why):
+        evaluate.check_results(data, "x.json")
+    good = fake_results({"s": [True]})
+    assert evaluate.check_results(good, "a.json") == "mmlu"
+    assert evaluate.check_results({"perplexity": 3.0, "mean_nll": 1.1, "tokens_scored": 9},
+                                  "p.json") == "perplexity"
+
+
+def test_perplexity_out_never_replaces_mmlu_results(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(fake_results({"s": [True]})))
+    with pytest.raises(DllmError, match="holds MMLU results"):
+        evaluate.load_perplexity(path, {"window": 32})
+    path.write_text('{"mine": 1}')
+    with pytest.raises(DllmError, match="not a dllm perplexity results file"):
+        evaluate.load_perplexity(path, {"window": 32})
 
 
 # --- scoring (collective) --------------------------------------------------------------------
@@ -305,8 +404,7 @@ def test_resume_after_interruption_loses_nothing(toy, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         evaluate.run_mmlu(model, toy, subjects, out=out, after_subject=interrupt)
-    # Root wrote the file; other ranks may get here first, so they take root's reading.
-    saved = WORLD.bcast(json.loads(open(out).read()) if WORLD.is_root else None)
+    saved = root_reads(out)
     assert all_ranks(list(saved["subjects"]) == subjects[:1])
     resumed = evaluate.run_mmlu(model, toy, subjects, out=out)
     ok = True
@@ -316,6 +414,56 @@ def test_resume_after_interruption_loses_nothing(toy, tmp_path):
         ok = ok and [r["subjects_run"] for r in resumed["runs"]] == [subjects, subjects[1:]]
         ok = ok and resumed["subjects"][subjects[0]] == saved["subjects"][subjects[0]]
     assert all_ranks(ok)
+
+
+@pytest.mark.mpi
+def test_resume_in_the_middle_of_a_subject_skips_the_questions_scored(toy, tmp_path):
+    subjects = ["toy_arithmetic", "toy_colours"]
+    model = dllm.load(DEMO, sync="q80")
+    straight = evaluate.run_mmlu(model, toy, subjects, out=shared_path(tmp_path, "straight.json"))
+    out = shared_path(tmp_path, "resumed.json")
+    with pytest.raises(KeyboardInterrupt):   # after the third of four questions
+        evaluate.run_mmlu(model, toy, subjects, out=out, checkpoint_every=0,
+                          after_question=interrupt_at(("toy_arithmetic", 2)))
+    saved = root_reads(out)
+    assert all_ranks(saved["subjects"] == {} and
+                     len(saved["in_progress"]["toy_arithmetic"]["questions"]) == 3)
+    steps, restarted = Steps(), dllm.load(DEMO, sync="q80")   # a new process: an empty cache
+    resumed = evaluate.run_mmlu(restarted, toy, subjects, out=out, progress=steps)
+    ok = steps.total == steps.steps == 4 and "3 question(s) of toy_arithmetic" in steps.note
+    if WORLD.is_root:   # the KV cache was rebuilt as the first run left it: identical floats
+        ok = ok and without_timings(resumed) == without_timings(straight)
+        ok = ok and json.loads(open(out).read()) == resumed and resumed["in_progress"] == {}
+        ok = ok and resumed["runs"][1]["questions_resumed"] == {"toy_arithmetic": 3}
+    assert all_ranks(ok)
+
+
+@pytest.mark.mpi
+def test_perplexity_resumes_mid_text_to_the_identical_result(tmp_path):
+    model = dllm.load(DEMO, sync="q80")
+    text = "Once upon a time there was a little girl named Lily. She liked to play.\n" * 3
+    ids = model.tokenizer.encode(text, bos=False) if WORLD.is_root else None   # root's text
+    windows = -(-WORLD.bcast(len(ids) if WORLD.is_root else None) // 15)
+    straight = evaluate.perplexity(model, ids, 16)
+    out = shared_path(tmp_path, "ppl.json")
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.perplexity(model, ids, 16, out=out, checkpoint_every=0,
+                            after_window=interrupt_at((1,)))
+    saved = root_reads(out)
+    assert all_ranks(windows > 3 and len(saved["window_nll"]) == 2 and "perplexity" not in saved)
+    steps = Steps()
+    resumed = evaluate.perplexity(model, ids, 16, progress=steps, out=out)
+    ok = steps.total == steps.steps == windows - 2
+    if WORLD.is_root:   # the NLL of every window, summed in order: the identical number
+        ok = ok and resumed["perplexity"] == straight["perplexity"]
+        ok = ok and resumed["window_nll"] == straight["window_nll"]
+        ok = ok and json.loads(open(out).read()) == resumed
+    again = Steps()   # finished: given back as it is, nothing recomputed
+    finished = evaluate.perplexity(model, ids, 16, progress=again, out=out)
+    ok = ok and again.steps == 0 and (not WORLD.is_root or finished == resumed)
+    assert all_ranks(ok)
+    with pytest.raises(DllmError, match="holds a run with window 16, this run has 12"):
+        evaluate.perplexity(model, ids, 12, out=out)
 
 
 # --- perplexity of the real models --------------------------------------------------------------

@@ -7,13 +7,15 @@
 The work is in dllm.evaluate; this module parses flags, prints and shows progress (root only).
 Methods and measured results: docs/evaluation.md.
 """
+import hashlib
 import json
 import sys
 import time
 from pathlib import Path
 
 from . import evaluate
-from .cli import ArgumentParser, entry, run
+from .cli import (ArgumentParser, add_fault_options, entry, model_loaded, root_print, run,
+                  use_fault_options)
 from .errors import DllmError
 from .generate import check_writable, default_model
 from .stats import conditions, write_json_atomically
@@ -39,21 +41,24 @@ def build_parser(is_root=True):
     m.add_argument("--limit", type=int, default=None,
                    help="first N test questions of each subject (default: all)")
     m.add_argument("--out", default=None, metavar="PATH",
-                   help="results JSON, rewritten after every subject; an existing file of "
-                        "the same settings is continued, never overwritten")
+                   help="results JSON, checkpointed every 30 s and after every subject; an "
+                        "existing file of the same settings is continued, never overwritten")
     q = sub.add_parser("perplexity", is_root=is_root, help="perplexity of a text file",
                        description="Perplexity of a text: " + evaluate.PERPLEXITY_METHOD + ".")
     add_model_options(q)
     q.add_argument("--text", required=True, help="UTF-8 text file")
     q.add_argument("--window", type=int, default=None,
                    help="tokens per forward pass including BOS (default: the model's context)")
-    q.add_argument("--out", default=None, metavar="PATH", help="write the result as JSON")
+    q.add_argument("--out", default=None, metavar="PATH",
+                   help="result JSON, checkpointed every 30 s; an existing file of the same "
+                        "settings is continued (or, finished, shown), never overwritten")
     c = sub.add_parser("compare", is_root=is_root, help="compare two result files",
                        description="Compare two MMLU (or two perplexity) result files.")
     c.add_argument("a", help="results JSON of run A (the baseline)")
     c.add_argument("b", help="results JSON of run B")
     c.add_argument("--top", type=int, default=10, help="subjects to list (default 10)")
-    c.add_argument("--out", default=None, metavar="PATH", help="write the comparison as JSON")
+    c.add_argument("--out", default=None, metavar="PATH",
+                   help="write the comparison as JSON (never over a results file)")
     return p
 
 
@@ -64,6 +69,12 @@ def add_model_options(p):
                    help="activation payload between ranks (default q80)")
     p.add_argument("--sync-scheme", default="slices", choices=("slices", "partials", "reduce"),
                    help="how ranks combine matmul outputs (default slices)")
+    p.add_argument("--parallel", default="tensor", choices=("tensor", "pipeline"),
+                   help="'tensor': every rank a slice of every matrix (default); 'pipeline': "
+                        "every rank whole layers, activations passed rank to rank")
+    p.add_argument("--profile", default=None, metavar="PATH",
+                   help="device profile (JSON, docs/parallelism.md): layers by speed within "
+                        "memory (pipeline), uneven slices by speed (tensor)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="context to allocate, at most the model's (default: the model's)")
     p.add_argument("--weights-from", default="file", choices=("file", "root"),
@@ -73,6 +84,11 @@ def add_model_options(p):
     p.add_argument("--prefill-chunk", type=int, default=64,
                    help="prompt tokens per forward pass (default 64)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--checkpoint-every", type=float, default=evaluate.CHECKPOINT_SECONDS,
+                   metavar="SECONDS",
+                   help="with --out: write the work done at least this often (default "
+                        f"{evaluate.CHECKPOINT_SECONDS:g}; 0 = after every question or window)")
+    add_fault_options(p)
 
 
 def main(argv=None):
@@ -85,32 +101,67 @@ def _main(comm, argv):
         comm, args)
 
 
+def _watch(comm, args):
+    """The watchdog's limits, and how to continue after it aborts (docs/faults.md)."""
+    if args.checkpoint_every < 0:
+        raise DllmError(f"--checkpoint-every must be >= 0 seconds, got {args.checkpoint_every}")
+    use_fault_options(comm, args, hint=f"run the same command again to continue {args.out}"
+                      if args.out else "give --out to make the run resumable")
+
+
 def _load(comm, args):
     from .loading import load
-    return load(args.model or default_model(), comm, sync=args.sync,
-                max_seq_len=args.max_seq_len, weights_from=args.weights_from,
-                tokenizer=args.tokenizer, prefill_chunk=args.prefill_chunk,
-                sync_scheme=args.sync_scheme)
+    model = load(args.model or default_model(), comm, sync=args.sync,
+                 max_seq_len=args.max_seq_len, weights_from=args.weights_from,
+                 tokenizer=args.tokenizer, prefill_chunk=args.prefill_chunk,
+                 sync_scheme=args.sync_scheme, parallel=args.parallel, profile=args.profile)
+    model_loaded(comm)
+    return model
+
+
+def _expected_settings(comm, args):
+    """Root, before loading: the run settings the loaded model will report (run_settings)
+    and its context, from the flags and the model file's header, so that an --out of other
+    settings is refused before minutes go into loading a large model."""
+    from .modelfile import ModelFile
+    path = args.model or default_model()
+    with ModelFile(path) as mf:
+        quant, context = mf.quant, args.max_seq_len or mf.config.max_seq_len
+    # A pipeline model reports its scheme as "pipeline" (dllm.pipeline.PipelineModel.scheme).
+    scheme = "pipeline" if args.parallel == "pipeline" else args.sync_scheme
+    run = evaluate.run_settings(path=path, quant=quant, sync=args.sync, sync_scheme=scheme,
+                                world_size=comm.size, prefill_chunk=args.prefill_chunk)
+    return run, context
 
 
 # --- mmlu -----------------------------------------------------------------------------------
 def _mmlu(comm, args):
+    _watch(comm, args)
     if args.shots < 0:
         raise DllmError(f"--shots must be 0 or more, got {args.shots}")
     if args.limit is not None and args.limit < 1:
         raise DllmError(f"--limit must be at least 1, got {args.limit}")
     subjects = comm.from_root(_check_data, args.data, args.subjects, args.shots)
     if args.out:
-        comm.from_root(check_writable, args.out)
+        comm.from_root(_check_mmlu_out, comm, args)
     model = _load(comm, args)
     info = conditions(comm, model, command="mmlu", data=str(args.data))
     progress = Progress(comm.is_root and not args.no_progress, "questions")
     results = evaluate.run_mmlu(model, args.data, subjects, args.shots, args.limit, args.out,
-                                info, progress)
+                                info, progress, checkpoint_every=args.checkpoint_every)
     progress.close()
     if comm.is_root:
         print_mmlu(results, subjects)
     return 0
+
+
+def _check_mmlu_out(comm, args):
+    """Root, before loading: --out is writable and empty, or results of these settings."""
+    check_writable(args.out)
+    if Path(args.out).exists():
+        run, context = _expected_settings(comm, args)
+        evaluate.load_results(args.out, evaluate.mmlu_settings(
+            None, args.shots, args.limit, run=run, max_seq_len=context))
 
 
 def _check_data(data, requested, shots):
@@ -141,35 +192,51 @@ def _pct(value):
 
 # --- perplexity -------------------------------------------------------------------------------
 def _perplexity(comm, args):
-    comm.root_only(_read_text, args.text)   # fail before loading the model
+    _watch(comm, args)
+    about = comm.from_root(_about_text, args.text, args.tokenizer)   # fails before loading
+    run, context = comm.from_root(_expected_settings, comm, args)
+    window = context if args.window is None else args.window
+    evaluate.check_window(window, context)
     if args.out:
-        comm.from_root(check_writable, args.out)
+        finished = comm.from_root(_check_perplexity_out, args.out,
+                                  evaluate.perplexity_settings(run, window, about))
+        if finished:
+            root_print(comm, f"{_perplexity_line(finished)}  (already in {args.out}, not "
+                             f"recomputed)")
+            return 0
     model = _load(comm, args)
     ids = comm.root_only(_encode_text, model, args.text)
-    window = args.window or model.max_seq_len
-    evaluate.check_window(window, model.max_seq_len)
-    progress = Progress(comm.is_root and not args.no_progress, "windows")
-    progress.start(comm.bcast(-(-len(ids) // (window - 1)) if comm.is_root else None), 0)
-    comm.barrier()
-    started = time.perf_counter()
-    result = evaluate.perplexity(model, ids, window, lambda n: progress.step("perplexity"))
-    seconds = time.perf_counter() - started
-    progress.close()
     info = conditions(comm, model, command="perplexity", text=str(args.text))
+    progress = Progress(comm.is_root and not args.no_progress, "windows")
+    result = evaluate.perplexity(model, ids, window, progress, out=args.out, about=about,
+                                 conditions=info, checkpoint_every=args.checkpoint_every)
+    progress.close()
     if comm.is_root:
-        result.update(text=str(args.text), seconds=seconds,
-                      tokens_per_s=result["tokens_scored"] / seconds,
-                      settings={"model": Path(model.path).name, "quant": info["quant"],
-                                "sync": model.sync, "sync_scheme": model.scheme,
-                                "world_size": comm.size, "window": window,
-                                "text": Path(args.text).name},
-                      conditions=info)
-        print(f"perplexity {result['perplexity']:.4f}  mean NLL {result['mean_nll']:.5f}  "
-              f"tokens scored {result['tokens_scored']}  windows {result['windows']} of "
-              f"{window}  ({seconds:.1f} s, {result['tokens_per_s']:.0f} tokens/s)")
-        if args.out:
-            write_json_atomically(args.out, result)
+        print(_perplexity_line(result))
     return 0
+
+
+def _perplexity_line(r):
+    speed = f", {r['tokens_per_s']:.0f} tokens/s" if r.get("tokens_per_s") else ""
+    return (f"perplexity {r['perplexity']:.4f}  mean NLL {r['mean_nll']:.5f}  tokens scored "
+            f"{r['tokens_scored']}  windows {r['windows']} of {r['window']}  "
+            f"({r['seconds']:.1f} s{speed})")
+
+
+def _about_text(text, tokenizer):
+    """The text's part of the perplexity settings: name, SHA-256, the tokenizer override."""
+    _read_text(text)
+    return {"text": Path(text).name,
+            "text_sha256": hashlib.sha256(Path(text).read_bytes()).hexdigest(),
+            "tokenizer": Path(tokenizer).name if tokenizer else None}
+
+
+def _check_perplexity_out(out, settings):
+    """Root, before loading: --out is writable and empty, or perplexity of these settings
+    (returned when finished)."""
+    check_writable(out)
+    state = evaluate.load_perplexity(out, settings)
+    return state if state and "perplexity" in state else None
 
 
 def _read_text(path):
@@ -191,6 +258,10 @@ def _encode_text(model, path):
 
 # --- compare ----------------------------------------------------------------------------------
 def _compare(comm, args):
+    if args.top < 1:
+        raise DllmError(f"--top must be at least 1, got {args.top}")
+    if args.out:
+        comm.from_root(_check_compare_out, args.out)
     report = comm.from_root(_compare_files, args.a, args.b, args.top)
     if comm.is_root:
         print(format_comparison(report, args.a, args.b))
@@ -199,24 +270,37 @@ def _compare(comm, args):
     return 0
 
 
+def _check_compare_out(out):
+    """A comparison never replaces a results file (say, one of the two compared)."""
+    check_writable(out)
+    try:
+        kind = evaluate.results_kind(json.loads(Path(out).read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return
+    if kind:
+        raise DllmError(f"--out {out} holds {'MMLU' if kind == 'mmlu' else kind} results; "
+                        f"refusing to overwrite it with a comparison: choose another --out")
+
+
 def _read_json(path):
     path = Path(path)
     if not path.is_file():
         raise DllmError(f"results file not found: {path}")
     try:
-        return json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DllmError(f"{path} is not a JSON file ({exc})") from None
 
 
 def _compare_files(path_a, path_b, top):
     a, b = _read_json(path_a), _read_json(path_b)
-    if a.get("kind") == b.get("kind") == evaluate.RESULTS_KIND:
+    kind_a, kind_b = evaluate.check_results(a, path_a), evaluate.check_results(b, path_b)
+    if kind_a != kind_b:
+        raise DllmError(f"{path_a} holds {kind_a} results and {path_b} {kind_b} results: "
+                        f"compare two MMLU or two perplexity results files")
+    if kind_a == "mmlu":
         return {"kind": "mmlu", **evaluate.compare_mmlu(a, b, top)}
-    if "perplexity" in a and "perplexity" in b:
-        return {"kind": "perplexity", **evaluate.compare_perplexity(a, b)}
-    raise DllmError(f"{path_a} and {path_b} are not two MMLU results files of dllm.eval mmlu "
-                    f"nor two perplexity results")
+    return {"kind": "perplexity", **evaluate.compare_perplexity(a, b)}
 
 
 def format_comparison(r, name_a, name_b):
@@ -246,46 +330,55 @@ def format_comparison(r, name_a, name_b):
 
 
 # --- progress (root only, stderr) ---------------------------------------------------------------
-class Progress:
-    """A progress bar with the rate and an ETA on stderr. On a terminal it redraws in place
-    at most 5 times a second; otherwise (a log file) it prints one line per subject."""
+LOG_EVERY = 20.0   # seconds between progress lines when stderr is not a terminal
 
-    def __init__(self, enabled, unit, stream=None):
-        self.enabled, self.unit = enabled, unit
+
+class Progress:
+    """Progress on stderr: done/total, the rate and an ETA. On a terminal a bar redrawn in
+    place at most 5 times a second; otherwise (a log file, or any rank under mpirun, whose
+    launcher forwards output through pipes) a line every `every` seconds and one as each
+    subject ends. clock: seconds, monotonic (tests pass a fake one)."""
+
+    def __init__(self, enabled, unit, stream=None, every=LOG_EVERY, clock=time.perf_counter):
+        self.enabled, self.unit, self.every, self.clock = enabled, unit, every, clock
         self.stream = stream or sys.stderr
         self.tty = enabled and self.stream.isatty()
         self.total = self.done = 0
         self.label, self.drawn = None, 0.0
 
-    def start(self, total, subjects_done=0):
-        self.total, self.done, self.started = total, 0, time.perf_counter()
-        if self.enabled and subjects_done:
-            print(f"{PROG}: continuing: {subjects_done} subject(s) already in the results file",
-                  file=self.stream, flush=True)
+    def start(self, total, note=None):
+        """total: steps this run will make. note: what an earlier run already did."""
+        self.total, self.done = total, 0
+        self.started = self.drawn = self.clock()
+        if self.enabled and note:
+            print(f"{PROG}: continuing: {note}", file=self.stream, flush=True)
 
     def step(self, label):
         if not self.enabled:
             return
         if label != self.label and self.label is not None and not self.tty:
-            self._line()
+            self._line()   # the subject before has ended
         self.label = label
         self.done += 1
-        now = time.perf_counter()
+        now = self.clock()
         if self.tty and (now - self.drawn > 0.2 or self.done == self.total):
             self.drawn = now
             width = 24
             filled = int(width * self.done / max(self.total, 1))
             print(f"\r[{'#' * filled}{'.' * (width - filled)}] {self._status()}\033[K",
                   end="", file=self.stream, flush=True)
+        elif not self.tty and now - self.drawn >= self.every:
+            self._line()
 
     def _status(self):
-        seconds = time.perf_counter() - self.started
+        seconds = self.clock() - self.started
         rate = self.done / seconds if seconds > 0 else 0.0
         eta = (self.total - self.done) / rate if rate > 0 else 0.0
         return (f"{self.done}/{self.total} {self.unit}  {rate:.2f} {self.unit}/s  "
                 f"ETA {_clock(eta)}  {self.label}")
 
     def _line(self):
+        self.drawn = self.clock()
         print(f"{PROG}: {self._status()}", file=self.stream, flush=True)
 
     def close(self):
