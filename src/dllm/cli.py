@@ -3,7 +3,9 @@
 Contract: a user mistake (DllmError) prints one line, "<prog>: error: <message>", on root and
 every rank exits 1, without a traceback. DllmError is raised collectively (see Comm.agree), so
 no rank is left in a collective. Anything else is a bug: that rank prints its traceback and
-aborts the whole job, so the other ranks do not hang.
+aborts the whole job, so the other ranks do not hang. A rank that stops or dies is the
+watchdog's (dllm.watchdog, started here on every rank of a multi-rank job): it names the lost
+rank and aborts the job with exit code 75 (docs/faults.md).
 """
 import argparse
 import sys
@@ -30,6 +32,37 @@ class ArgumentParser(argparse.ArgumentParser):
             super()._print_message(message, file)
 
 
+def add_fault_options(parser):
+    """--timeout and --load-timeout: how long any rank may wait in one MPI call."""
+    from .watchdog import DEFAULT_LOAD_TIMEOUT, DEFAULT_TIMEOUT
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help="abort the job, naming the ranks that did not arrive, when a "
+                             "rank waits longer than this in one MPI call once the model is "
+                             f"loaded (default {DEFAULT_TIMEOUT:.0f}; 0 = never)")
+    parser.add_argument("--load-timeout", type=float, default=DEFAULT_LOAD_TIMEOUT,
+                        metavar="SECONDS",
+                        help="the same limit while the model loads and the first token is "
+                             f"computed (default {DEFAULT_LOAD_TIMEOUT:.0f}; 0 = never)")
+
+
+def use_fault_options(comm, args, hint=None):
+    """Give this rank's watchdog the parsed limits, and the hint that ends its report."""
+    for name in ("timeout", "load_timeout"):
+        if getattr(args, name) < 0:
+            raise DllmError(f"--{name.replace('_', '-')} must be >= 0 seconds, got "
+                            f"{getattr(args, name)}")
+    if comm.watchdog is not None:
+        comm.watchdog.timeout = args.timeout or None
+        comm.watchdog.load_timeout = args.load_timeout or None
+        comm.watchdog.hint = hint
+
+
+def model_loaded(comm):
+    """From now on waits are held to --timeout (the watchdog's run-time limit)."""
+    if comm.watchdog is not None:
+        comm.watchdog.loaded()
+
+
 def root_print(comm, *args, **kwargs):
     """Print on root only (all user-facing output goes through here)."""
     if comm.is_root:
@@ -46,6 +79,10 @@ def run(main, argv, prog):
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"{prog}: error: MPI is not available ({reason}); {MPI_HELP}", file=sys.stderr)
         return 1
+    comm.watchdog = None
+    if comm.size > 1:
+        from .watchdog import Watchdog
+        comm.watchdog = Watchdog(comm, prog).start()
     try:
         return main(comm, argv) or 0
     except DllmError as exc:
@@ -63,6 +100,9 @@ def run(main, argv, prog):
         print(f"{prog}: rank {comm.rank} failed unexpectedly (a bug in dllm); aborting all "
               f"ranks", file=sys.stderr, flush=True)
         comm.abort(1)
+    finally:
+        if comm.watchdog is not None:
+            comm.watchdog.stop()
     return 1
 
 

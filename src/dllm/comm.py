@@ -4,8 +4,14 @@ Bulk data moves through buffer-based (upper-case) collectives; pickled calls car
 control messages. Every call that moves activations adds the seconds it spent and the payload
 bytes it moved to ``self.stats``, which is how per-token sync time and bytes are measured.
 On ``COMM_SELF`` every collective is an identity, so the whole engine runs in plain pytest.
+
+Every call that can wait on other ranks records what it waits in (``Comm.waiting``: a
+sequence number, the MPI call and since when), so that the watchdog thread (dllm.watchdog)
+can tell a hang from a slow step; the watchdog talks to the other ranks' watchdogs over a
+duplicate communicator of its own (the control channel), never on the engine's.
 """
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +40,26 @@ class CommStats:
                          self.calls - earlier.calls)
 
 
+@dataclass(frozen=True)
+class Waiting:
+    """What a rank's main thread is blocked in: replaced whole, so another thread reads it
+    consistently. bounded=False: the wait may legitimately last forever (a chat turn)."""
+    seq: int          # calls that could wait, counted on this rank (the same on every rank
+    what: str         # of a tensor-parallel run: they all make the same calls)
+    since: float      # time.monotonic() when the call began
+    bounded: bool = True
+
+
+class Activity:
+    """What the main thread of this rank is doing, as the watchdog thread reads it."""
+
+    def __init__(self):
+        self.seq = 0
+        self.waiting = None           # a Waiting while inside a call that can wait, else None
+        self.last_return = time.monotonic()
+        self.unbounded = 0
+
+
 class Comm:
     """A communicator with the handful of collectives the engine needs.
 
@@ -45,6 +71,10 @@ class Comm:
         self.rank = self.mpi.Get_rank()
         self.size = self.mpi.Get_size()
         self.stats = CommStats()
+        self.activity = Activity()    # shared with communicators split from this one
+        self.watchdog = None          # a dllm.watchdog.Watchdog when an entry point runs one
+        self._control = None          # the watchdogs' communicator (open_control)
+        self._control_sends = []
 
     @classmethod
     def wrap(cls, comm):
@@ -59,7 +89,28 @@ class Comm:
     def is_root(self):
         return self.rank == 0
 
+    def _begin(self, what):
+        """Mark the start of a call that waits on other ranks; returns perf_counter()."""
+        a = self.activity
+        a.seq += 1
+        a.waiting = Waiting(a.seq, what, time.monotonic(), not a.unbounded)
+        return time.perf_counter()
+
+    def _end(self):
+        self.activity.waiting = None
+        self.activity.last_return = time.monotonic()
+
+    @contextmanager
+    def unbounded(self):
+        """Calls inside may wait without limit (root waiting for a person to type)."""
+        self.activity.unbounded += 1
+        try:
+            yield
+        finally:
+            self.activity.unbounded -= 1
+
     def _count(self, seconds, sent, received):
+        self._end()
         self.stats.sync_seconds += seconds
         self.stats.bytes_sent += sent
         self.stats.bytes_received += received
@@ -72,7 +123,7 @@ class Comm:
         sendbuf = exchange.pack(local, self.rank)
         counts, displs = exchange.counts(T)
         received = np.empty(sum(counts), dtype=np.uint8)
-        start = time.perf_counter()
+        start = self._begin("Allgatherv")
         self.mpi.Allgatherv(sendbuf, [received, counts, displs, MPI.BYTE])
         self._count(time.perf_counter() - start,
                     exchange.bytes_sent(self.rank, T), exchange.bytes_received(self.rank, T))
@@ -91,7 +142,7 @@ class Comm:
         recv_displs = [r * mine for r in range(self.size)]
         received = np.empty(mine * self.size, dtype=np.uint8)
         sendbuf = np.concatenate(pieces) if pieces else np.empty(0, np.uint8)
-        start = time.perf_counter()
+        start = self._begin("Alltoallv")
         self.mpi.Alltoallv([sendbuf, send_counts, send_displs, MPI.BYTE],
                            [received, recv_counts, recv_displs, MPI.BYTE])
         self._count(time.perf_counter() - start, sum(send_counts) - send_counts[self.rank],
@@ -102,7 +153,7 @@ class Comm:
 
     def bcast_array(self, array):
         """Root's array -> every rank (same shape and dtype preallocated on all ranks)."""
-        start = time.perf_counter()
+        start = self._begin("Bcast")
         self.mpi.Bcast(array, root=0)
         n = array.nbytes
         self._count(time.perf_counter() - start,
@@ -116,7 +167,7 @@ class Comm:
         counts = [T * w for w in widths]
         displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
         received = np.empty(sum(counts) if self.is_root else 0, dtype=np.float32)
-        start = time.perf_counter()
+        start = self._begin("Gatherv")
         self.mpi.Gatherv(local, [received, counts, displs, MPI.FLOAT] if self.is_root else None,
                          root=0)
         mine = local.nbytes
@@ -136,14 +187,14 @@ class Comm:
     def isend_bytes(self, buf, dest, tag=0):
         """Start sending uint8 `buf` to `dest`; returns the request (pass it to wait before
         touching buf again). Counts buf's bytes as sent."""
-        start = time.perf_counter()
+        start = self._begin(f"Isend to rank {dest}")
         request = self.mpi.Isend(buf, dest=dest, tag=tag)
         self._count(time.perf_counter() - start, buf.nbytes, 0)
         return request
 
     def send_bytes(self, buf, dest, tag=0):
         """Blocking send of uint8 `buf` to `dest`; counts its bytes as sent."""
-        start = time.perf_counter()
+        start = self._begin(f"Send to rank {dest}")
         self.mpi.Send(buf, dest=dest, tag=tag)
         self._count(time.perf_counter() - start, buf.nbytes, 0)
 
@@ -155,7 +206,7 @@ class Comm:
         many seconds, then sleep between polls, so that a rank with nothing to do leaves the
         core to ranks that work (pipeline stages waiting for their turn on shared cores)."""
         status = MPI.Status()
-        start = time.perf_counter()
+        start = self._begin(f"Recv from rank {source}")
         if spin is None:
             self.mpi.Recv(buf, source=source, tag=tag, status=status)
         else:
@@ -170,7 +221,7 @@ class Comm:
     def wait(self, request):
         """Complete a request from isend_bytes (None: nothing to wait for)."""
         if request is not None:
-            start = time.perf_counter()
+            start = self._begin("Wait for a send")
             request.Wait()
             self._count(time.perf_counter() - start, 0, 0)
 
@@ -181,37 +232,92 @@ class Comm:
     def split(self, color, key):
         """A Comm of the ranks passing the same color, ordered by key; None for color None
         (collective over this communicator)."""
+        self._begin("Split")
         sub = self.mpi.Split(MPI.UNDEFINED if color is None else color, key)
-        return None if sub == MPI.COMM_NULL else Comm(sub)
+        self._end()
+        if sub == MPI.COMM_NULL:
+            return None
+        child = Comm(sub)
+        child.activity = self.activity   # one main thread: one record for the watchdog
+        return child
 
     # --- point to point, for --weights-from root ---------------------------------------
     def send_array(self, array, dest, tag=0):
+        self._begin(f"Send to rank {dest}")
         self.mpi.Send(np.ascontiguousarray(array), dest=dest, tag=tag)
+        self._end()
 
     def recv_array(self, shape, dtype, source=0, tag=0):
         array = np.empty(shape, dtype=dtype)
+        self._begin(f"Recv from rank {source}")
         self.mpi.Recv(array, source=source, tag=tag)
+        self._end()
         return array
+
+    def send_obj(self, obj, dest, tag=0):
+        """A small picklable object to `dest` (a control message)."""
+        self._begin(f"send to rank {dest}")
+        self.mpi.send(obj, dest=dest, tag=tag)
+        self._end()
+
+    def recv_obj(self, source=0, tag=0):
+        self._begin(f"recv from rank {source}")
+        obj = self.mpi.recv(source=source, tag=tag)
+        self._end()
+        return obj
 
     # --- control messages --------------------------------------------------------------
     def bcast(self, obj):
-        return self.mpi.bcast(obj, root=0)
+        self._begin("bcast")
+        obj = self.mpi.bcast(obj, root=0)
+        self._end()
+        return obj
 
     def gather(self, obj):
-        return self.mpi.gather(obj, root=0)
+        self._begin("gather")
+        obj = self.mpi.gather(obj, root=0)
+        self._end()
+        return obj
 
     def allgather(self, obj):
-        return self.mpi.allgather(obj)
+        self._begin("allgather")
+        obj = self.mpi.allgather(obj)
+        self._end()
+        return obj
 
     def barrier(self):
+        self._begin("Barrier")
         self.mpi.Barrier()
+        self._end()
 
     def idle_barrier(self, poll=0.005):
         """A barrier that sleeps while it waits (MPI's spins), leaving the cores to the ranks
         that work, e.g. to root while it runs a model alone."""
+        self._begin("Ibarrier")
         request = self.mpi.Ibarrier()
         while not request.Test():
             time.sleep(poll)
+        self._end()
+
+    # --- the watchdogs' control channel (dllm.watchdog) ---------------------------------
+    def open_control(self):
+        """Collective: a duplicate communicator for the watchdog threads' messages."""
+        if self._control is None:
+            self._control = self.mpi.Dup()
+
+    def control_send(self, obj, dest, tag):
+        """Post a small message to `dest` without waiting for it to be delivered (the
+        destination may be dead): completed sends are dropped at the next call."""
+        self._control_sends = [r for r in self._control_sends if not r.Test()]
+        self._control_sends.append(self._control.isend(obj, dest=dest, tag=tag))
+
+    def control_receive(self):
+        """Every control message that has arrived: [(source, tag, obj)]; never blocks."""
+        messages, status = [], MPI.Status()
+        while self._control.iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
+            source, tag = status.Get_source(), status.Get_tag()
+            messages.append((source, tag, self._control.recv(source=source, tag=tag)))
+        return messages
 
     def agree(self, fn, *args, **kwargs):
         """Run fn on every rank; if it raises DllmError on any rank, raise on all ranks
@@ -220,7 +326,7 @@ class Comm:
             result, error = fn(*args, **kwargs), None
         except DllmError as exc:
             result, error = None, str(exc)
-        errors = self.mpi.allgather(error)
+        errors = self.allgather(error)
         for rank, message in enumerate(errors):
             if message is not None:
                 raise DllmError(message if rank == 0 else f"rank {rank}: {message}")
@@ -243,7 +349,7 @@ class Comm:
                 result = fn(*args, **kwargs)
             except DllmError as exc:
                 error = str(exc)
-        error, shared = self.mpi.bcast((error, result if share else None), root=0)
+        error, shared = self.bcast((error, result if share else None))
         if error is not None:
             raise DllmError(error)
         return result if self.is_root else shared

@@ -97,5 +97,5 @@ class ModelConfig:
                 try:
                     kwargs[name] = caster(value)
                 except (TypeError, ValueError):
-                    raise ModelFileError(f"config {name} = {value!r} is not a {caster.__name__}")
+                    raise ModelFileError(f"config {name} = {value!r} is not of type {caster.__name__}")
         return cls(**kwargs).check()

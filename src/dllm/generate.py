@@ -3,19 +3,27 @@
     mpirun -np 8 -hostfile hostfiles/pis python -m dllm.generate --model m.h5 --prompt "..."
 
 Root streams the text as it is generated, then prints where the time went. Without --model
-the embedded demo model (tinystories-1m, Q40, converted by dllm) is used.
+the embedded demo model (tinystories-1m, Q40, converted by dllm) is used. With --transcript
+root records the prompt, the tokens so far and the sampler's state after every token;
+--resume continues such a record after a crash, on any number of ranks (docs/faults.md).
 """
+import json
 import os
 import sys
 from importlib import resources
 from pathlib import Path
 
-from .cli import ArgumentParser, entry, root_print, run
+from .cli import (ArgumentParser, add_fault_options, entry, model_loaded, root_print, run,
+                  use_fault_options)
 from .errors import DllmError
 from .sampler import Sampler
 from .stats import StepTimer, conditions, summarize, write_json_atomically
 
 PROG = "dllm.generate"
+TRANSCRIPT_KIND, TRANSCRIPT_VERSION = "dllm-transcript", 1
+# What a transcript fixes: --resume takes these from it (a flag that contradicts it is an error).
+RESUMED = ("prompt", "steps", "temperature", "top_p", "seed", "no_stop", "sync", "sync_scheme",
+           "prefill_chunk", "max_seq_len")
 
 
 def default_model():
@@ -63,6 +71,13 @@ def build_parser(is_root=True):
                    help="chat in the model's stored chat template (llama2 or llama3): one "
                         "reply to --prompt, or turns read from stdin, one per line, until EOF")
     p.add_argument("--system", default=None, help="--chat: system prompt")
+    p.add_argument("--transcript", default=None, metavar="PATH",
+                   help="record the prompt, the tokens so far and the sampler's state after "
+                        "every token (JSON, written atomically), for --resume")
+    p.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue the generation a --transcript recorded (any number of "
+                        "ranks; the settings are the transcript's); it goes on recording there")
+    add_fault_options(p)
     return p
 
 
@@ -72,35 +87,68 @@ def main(argv=None):
 
 def _main(comm, argv):
     from .loading import load
-    args = build_parser(comm.is_root).parse_args(argv)
+    from .model import generate_tokens
+    parser = build_parser(comm.is_root)
+    args = parser.parse_args(argv)
+    transcript = None
+    if args.resume:
+        if args.chat:
+            raise DllmError("--resume continues a --transcript of plain generation, not --chat")
+        transcript = comm.from_root(read_transcript, args.resume)
+        apply_transcript(args, transcript, parser)
+        args.transcript = args.transcript or args.resume
+    if args.chat and args.transcript:
+        raise DllmError("--transcript records plain generation; it does not apply to --chat")
+    use_fault_options(comm, args, hint=f"continue with --resume {args.transcript}"
+                      if args.transcript else None)
     if args.steps < 1:
         raise DllmError(f"--steps must be at least 1, got {args.steps}")
     sampler = Sampler(args.temperature, args.top_p, args.seed)
-    if args.stats_json:
-        comm.from_root(check_writable, args.stats_json)
+    for path in (args.stats_json, args.transcript if not args.resume else None):
+        if path:
+            comm.from_root(check_writable, path)
     model = load(args.model or default_model(), comm, sync=args.sync,
                  max_seq_len=args.max_seq_len, weights_from=args.weights_from,
                  tokenizer=args.tokenizer, prefill_chunk=args.prefill_chunk,
                  sync_scheme=args.sync_scheme, parallel=args.parallel, profile=args.profile)
     if args.chat:
+        model_loaded(comm)
         return chat(comm, model, args, sampler)
-    prompt_ids = comm.from_root(_encode, model, args.prompt)
+    if transcript is None:
+        prompt_ids = comm.from_root(_encode, model, args.prompt)
+        done = []
+        if args.transcript:
+            transcript = comm.root_only(new_transcript, args, model, prompt_ids)
+    else:
+        comm.from_root(check_transcript_model, transcript, model)
+        prompt_ids, done = comm.bcast((transcript["prompt_ids"], transcript["token_ids"])
+                                      if comm.is_root else None)
+        if comm.is_root and transcript["sampler_state"] is not None:
+            sampler.rng.bit_generator.state = transcript["sampler_state"]
 
     stream = comm.root_only(_text_stream, model, prompt_ids)
     if stream is not None:
         root_print(comm, stream.printed, end="")
+        root_print(comm, "".join(stream.push(token) for token in done), end="")
     comm.barrier()  # start the clock together
     timer = StepTimer(comm)
-    generated = []
-    for token in model.generate(prompt_ids, args.steps, sampler, stop_at_eos=not args.no_stop):
-        if generated:
+    generated = list(done)
+    for token in generate_tokens(model, prompt_ids, done, args.steps, sampler,
+                                 stop_at_eos=not args.no_stop):
+        if len(generated) > len(done):
             timer.lap("decode")
-        else:   # the first token comes out of the prefill of the whole prompt
-            timer.lap("prefill", tokens=len(prompt_ids))
+        else:   # the first token comes out of the prefill of the prompt (and the replay)
+            timer.lap("prefill", tokens=len(prompt_ids) + len(done))
+            model_loaded(comm)
         generated.append(token)
         if stream is not None:
             root_print(comm, stream.push(token), end="")
+        if transcript is not None and comm.is_root:
+            record_token(args.transcript, transcript, token, sampler, stream)
         timer.mark()
+    if transcript is not None and comm.is_root:
+        transcript["finished"] = True
+        write_json_atomically(args.transcript, transcript)
     root_print(comm, "")
 
     summary = summarize(comm, timer)
@@ -115,6 +163,72 @@ def _main(comm, argv):
         if args.stats_json:
             write_json_atomically(args.stats_json, report)
     return 0
+
+
+# --- transcripts: resumable generation -----------------------------------------------------
+def new_transcript(args, model, prompt_ids):
+    """Root: the record of a new run (written at its first token)."""
+    return {"kind": TRANSCRIPT_KIND, "version": TRANSCRIPT_VERSION,
+            "model": str(Path(model.path).resolve()), "config": model.config.to_dict(),
+            "quant": _quant(model), "prompt_ids": list(prompt_ids),
+            "settings": {name: getattr(args, name) for name in RESUMED},
+            "token_ids": [], "text": None, "sampler_state": None, "finished": False}
+
+
+def record_token(path, transcript, token, sampler, stream):
+    """Root: add a token and the sampler's state after drawing it, and write the whole
+    record atomically (a crash leaves the previous token's record, never half a file)."""
+    transcript["token_ids"].append(int(token))
+    transcript["sampler_state"] = sampler.rng.bit_generator.state
+    transcript["text"] = stream.printed if stream is not None else None
+    write_json_atomically(path, transcript)
+
+
+def read_transcript(path):
+    """Root: a transcript file, checked."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            transcript = json.load(f)
+    except FileNotFoundError:
+        raise DllmError(f"--resume {path}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise DllmError(f"--resume {path} cannot be read as a transcript ({exc})") from None
+    if not isinstance(transcript, dict) or transcript.get("kind") != TRANSCRIPT_KIND:
+        raise DllmError(f"--resume {path} is not a dllm.generate --transcript file")
+    if transcript.get("version") != TRANSCRIPT_VERSION:
+        raise DllmError(f"--resume {path} is transcript version {transcript.get('version')}; "
+                        f"this dllm reads version {TRANSCRIPT_VERSION}")
+    settings = transcript.get("settings")
+    ids = [transcript.get("prompt_ids"), transcript.get("token_ids")]
+    if (not isinstance(settings, dict) or set(RESUMED) - set(settings)
+            or not all(isinstance(x, list) and all(isinstance(t, int) for t in x) for x in ids)
+            or not isinstance(transcript.get("model"), str)):
+        raise DllmError(f"--resume {path}: the transcript is incomplete or damaged")
+    return transcript
+
+
+def apply_transcript(args, transcript, parser):
+    """Take the transcript's settings; a flag given with another value is an error."""
+    for name, recorded in transcript["settings"].items():
+        given = getattr(args, name)
+        if given != parser.get_default(name) and given != recorded:
+            raise DllmError(f"--resume continues with the transcript's settings: "
+                            f"--{name.replace('_', '-')} {given} differs from its {recorded}")
+        setattr(args, name, recorded)
+    args.model = args.model or transcript["model"]
+
+
+def check_transcript_model(transcript, model):
+    if model.config.to_dict() != transcript["config"] or _quant(model) != transcript["quant"]:
+        raise DllmError(f"{model.path} is not the model the transcript was made with "
+                        f"({transcript['model']}): its configuration or weights type differ")
+    if any(not 0 <= t < model.config.vocab_size
+           for t in transcript["prompt_ids"] + transcript["token_ids"]):
+        raise DllmError("the transcript holds token ids outside the model's vocabulary")
+
+
+def _quant(model):
+    return model.quant
 
 
 def check_writable(path):
@@ -149,7 +263,8 @@ def chat(comm, model, args, sampler):
     stops = comm.from_root(lambda: chat_stop_ids(model.tokenizer, template))
     messages = [("system", args.system)] if args.system else []   # used on root only
     while True:
-        user = args.prompt if args.prompt else comm.from_root(_read_turn)
+        with comm.unbounded():     # a person may take their time to type
+            user = args.prompt if args.prompt else comm.from_root(_read_turn)
         if user is None:
             return 0
         ids = comm.root_only(_chat_ids, model.tokenizer, template, messages, user)

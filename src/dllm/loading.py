@@ -93,6 +93,38 @@ def _load_tokenizer(path, tokenizer_path, config):
     return tok
 
 
+def available_memory():
+    """Bytes this host can still give to new allocations (MemAvailable), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_host_memory(comm, need, context):
+    """Collective: refuse to load, on every rank alike and before anything is allocated,
+    when the ranks that share a host need more memory than it has available. need: this
+    rank's weights and KV cache in bytes (dllm.profile.shard_bytes / stage_bytes)."""
+    from .profile import _mb
+    hosts = {}
+    for rank, (host, n, free) in enumerate(comm.allgather(
+            (socket.gethostname(), int(need), available_memory()))):
+        ranks, total, least_free = hosts.get(host, ([], 0, free))
+        frees = [f for f in (least_free, free) if f is not None]
+        hosts[host] = (ranks + [rank], total + n, min(frees) if frees else None)
+    for host, (ranks, total, free) in hosts.items():
+        if free is not None and total > free:
+            who = (f"rank {ranks[0]} on {host} needs" if len(ranks) == 1
+                   else f"the {len(ranks)} ranks on {host} need")
+            raise DllmError(f"{who} {_mb(total)} for weights and a KV cache of "
+                            f"{context} tokens, but {host} has {_mb(free)} available: lower "
+                            f"--max-seq-len, spread the model over more hosts, or free memory")
+
+
 def _weights_from_root(comm, path, entries_of):
     """Root reads every rank's arrays (entries_of(rank): see local_tensors) and sends them;
     returns this rank's weights."""
@@ -102,12 +134,12 @@ def _weights_from_root(comm, path, entries_of):
                 entries = entries_of(rank)
                 for key, name, rows, cols in entries:
                     array = mf.read(name, rows, cols)
-                    comm.mpi.send((array.shape, array.dtype.str), dest=rank, tag=1)
+                    comm.send_obj((array.shape, array.dtype.str), rank, tag=1)
                     comm.send_array(array, rank, tag=2)
             return {key: mf.read(name, rows, cols) for key, name, rows, cols in entries_of(0)}
     weights = {}
     for key, name, rows, cols in entries_of(comm.rank):
-        shape, dtype = comm.mpi.recv(source=0, tag=1)
+        shape, dtype = comm.recv_obj(source=0, tag=1)
         weights[key] = comm.recv_array(shape, np.dtype(dtype), source=0, tag=2)
     return weights
 
@@ -129,7 +161,8 @@ def load(path, comm=None, sync="q80", max_seq_len=None, weights_from="file",
     Raises DllmError on every rank for bad input.
     """
     from .comm import Comm
-    from .profile import check_tensor_memory, pipeline_stages, tensor_shares, use_profile
+    from .profile import (check_tensor_memory, pipeline_stages, shard_bytes, tensor_shares,
+                          use_profile)
     comm = Comm.wrap(comm)
     check_options(sync, weights_from, max_seq_len, prefill_chunk)
     if parallel not in PARALLEL:
@@ -145,7 +178,11 @@ def load(path, comm=None, sync="q80", max_seq_len=None, weights_from="file",
     context = max_seq_len or config.max_seq_len
     if parallel == "pipeline":
         from .pipeline import load_pipeline
+        from .profile import stage_bytes
         stages = pipeline_stages(config, quant, comm.size, profile, context)
+        start, stop = stages[comm.rank]
+        check_host_memory(comm, stage_bytes(config, quant, stop - start, comm.is_root, context),
+                          context)
         tok = comm.root_only(_load_tokenizer, path, tokenizer, config)
         return load_pipeline(comm, path, config, quant, stages, sync=sync,
                              max_seq_len=max_seq_len, weights_from=weights_from, tokenizer=tok,
@@ -155,6 +192,8 @@ def load(path, comm=None, sync="q80", max_seq_len=None, weights_from="file",
     check_scheme(shards, quant)
     if profile:
         check_tensor_memory(config, quant, profile, shards, context)
+    check_host_memory(comm, shard_bytes(config, quant, shards[comm.rank], comm.is_root, context),
+                      context)
     tok = comm.root_only(_load_tokenizer, path, tokenizer, config)
     entries_of = lambda rank: local_tensors(config, shards[rank], rank == 0)  # noqa: E731
     if weights_from == "file":

@@ -69,6 +69,7 @@ class Model:
         self.sync, self.prefill_chunk, self.tokenizer, self.path = sync, prefill_chunk, tokenizer, path
         self.max_seq_len = max_seq_len or config.max_seq_len
         self.weights = weights
+        self.quant = "q40" if weights["layers/0/wq"].dtype == np.uint8 else "f32"
         self.layers = [{name: weights[f"layers/{i}/{name}"]
                         for name in LAYER_MATRICES + ("attention_norm", "ffn_norm")}
                        for i in range(config.n_layers)]
@@ -205,17 +206,43 @@ class Model:
     def generate(self, prompt_ids, steps, sampler, stop_at_eos=True):
         """Yield new token ids (on every rank), at most `steps` of them or until the context
         is full; stops after EOS when stop_at_eos. Collective: every rank iterates it."""
-        ids = self._bcast_ids(prompt_ids)
-        steps = min(steps, self.max_seq_len - len(ids) + 1)
-        logits = self._prefill(ids, "last")
-        pos = len(ids)
-        token_buffer = np.zeros(1, dtype=np.int64)
-        for produced in range(1, steps + 1):
-            if self.comm.is_root:
-                token_buffer[0] = sampler.sample(logits[-1])
-            token = int(self.comm.bcast_array(token_buffer)[0])         # Bcast id
-            yield token
-            if produced == steps or (stop_at_eos and token == self.config.eos_id):
-                return
-            logits = self.forward([token], pos)
-            pos += 1
+        return generate_tokens(self, self._bcast_ids(prompt_ids), [], steps, sampler,
+                               stop_at_eos)
+
+
+def generate_tokens(model, prompt_ids, done, steps, sampler, stop_at_eos=True):
+    """The decoding loop of any model (tensor-parallel or pipeline), resumable.
+
+    prompt_ids and done (the tokens an earlier, interrupted run already generated from this
+    prompt, in order; [] for a new run) are lists of ids on every rank. The prompt is
+    prefilled in prefill_chunk blocks and each of `done` is replayed as its own decoding
+    step: the very computations of the uninterrupted run, so that its KV cache and logits
+    are rebuilt bit for bit. Then yields the new ids (on every rank; root samples, Bcast id)
+    until `steps` in all, the full context, or EOS when stop_at_eos. Collective.
+    """
+    steps = min(steps, model.max_seq_len - len(prompt_ids) + 1)
+    if len(prompt_ids) + len(done) > model.max_seq_len:
+        so_far = f" and {len(done)} generated" if done else ""
+        raise DllmError(f"prompt of {len(prompt_ids)}{so_far} tokens does not fit the context "
+                        f"of {model.max_seq_len} tokens (see --max-seq-len)")
+    if len(done) >= steps or (stop_at_eos and done and done[-1] == model.config.eos_id):
+        return
+    logits = None
+    for start in range(0, len(prompt_ids), model.prefill_chunk):
+        chunk = prompt_ids[start:start + model.prefill_chunk]
+        last = start + len(chunk) == len(prompt_ids)
+        logits = model.forward(chunk, start, "last" if last else None)
+    pos = len(prompt_ids)
+    for token in done:
+        logits = model.forward([token], pos)
+        pos += 1
+    token_buffer = np.zeros(1, dtype=np.int64)
+    for produced in range(len(done) + 1, steps + 1):
+        if model.comm.is_root:
+            token_buffer[0] = sampler.sample(logits[-1])
+        token = int(model.comm.bcast_array(token_buffer)[0])             # Bcast id
+        yield token
+        if produced == steps or (stop_at_eos and token == model.config.eos_id):
+            return
+        logits = model.forward([token], pos)
+        pos += 1

@@ -112,7 +112,7 @@ def write_model(path, config, tensors, quant="q40", tokenizer=None, metadata=Non
     config.check()
     path = Path(path)
     shapes = tensor_shapes(config)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     reports = []
     try:
         with h5py.File(tmp, "w") as f:
@@ -149,6 +149,42 @@ def write_model(path, config, tensors, quant="q40", tokenizer=None, metadata=Non
         if tmp.exists():
             tmp.unlink()
     return reports
+
+
+def temporary_path(path, pid=None):
+    """Where write_model writes `path` before renaming it: .NAME.tmp-PID beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid() if pid is None else pid}")
+
+
+def remove_stale_temporaries(path):
+    """Delete the .NAME.tmp-PID files beside `path` whose process no longer runs (a writer
+    killed with SIGKILL, or a machine that went down, cannot clean up after itself);
+    returns the paths removed. A file of a running process (this one included) is kept."""
+    path = Path(path)
+    prefix = temporary_path(path, "")
+    if not path.parent.is_dir():
+        return []
+    removed = []
+    for tmp in path.parent.iterdir():
+        pid = tmp.name[len(prefix.name):]
+        if tmp.name.startswith(prefix.name) and pid.isdigit() and not _running(int(pid)):
+            try:
+                tmp.unlink()
+            except FileNotFoundError:   # another writer removed it first
+                continue
+            removed.append(tmp)
+    return removed
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)                 # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):   # another user's process; not a PID at all
+        return True
+    return True
 
 
 def _write_tensor(f, name, array, shape, quant):
@@ -252,6 +288,17 @@ class ModelFile:
             raise ModelFileError(f"{self.path}: unknown quant {self.quant!r}")
         self.config = ModelConfig.from_dict(dict(attrs))
         file_size = os.path.getsize(self.path)
+        # Cheap checks first, so that absurd declared sizes fail at once, not after a walk
+        # over a hundred million layers or an allocation of a terabyte.
+        layers = self.h5.get("layers")
+        held = len(layers) if isinstance(layers, h5py.Group) else 0
+        if held != self.config.n_layers:
+            raise ModelFileError(f"{self.path}: the config declares {self.config.n_layers} "
+                                 f"layers but the file holds {held}")
+        least = minimum_weight_bytes(self.config)
+        if least > file_size:
+            raise ModelFileError(f"{self.path}: the config declares at least {least:,} bytes "
+                                 f"of weights but the file has {file_size:,} bytes")
         for name, shape in tensor_shapes(self.config).items():
             if name not in self.h5:
                 raise ModelFileError(f"{self.path}: tensor {name} is missing")
@@ -269,6 +316,13 @@ class ModelFile:
             if offset + ds.id.get_storage_size() > file_size:
                 raise ModelFileError(f"model file is truncated: {self.path} "
                                      f"(tensor {name} ends past the end of the file)")
+        if "tokenizer" in self.h5:
+            ds = self.h5["tokenizer"]
+            offset = ds.id.get_offset()
+            if (not isinstance(ds, h5py.Dataset) or ds.dtype != np.uint8 or ds.ndim != 1
+                    or (offset is not None and offset + ds.id.get_storage_size() > file_size)):
+                raise ModelFileError(f"{self.path}: the tokenizer dataset is damaged "
+                                     f"(not uint8 bytes within the file)")
 
     def tensor_quant(self, name):
         return _text(self.h5[name].attrs["quant"])
@@ -276,16 +330,25 @@ class ModelFile:
     def read(self, name, rows=None, cols=None):
         """Stored array of `name` (uint8 Q4_0 bytes or float32): rows [a, b) if given (one
         contiguous hyperslab), columns [c, d) of the logical matrix if given (whole 32-value
-        blocks for Q4_0: bytes c/32*18 to d/32*18 of each row)."""
+        blocks for Q4_0: bytes c/32*18 to d/32*18 of each row). Raises ModelFileError when
+        the part read holds a NaN or infinite value (a float, or a Q4_0 block's scale)."""
         ds = self.h5[name]
         r = slice(None) if rows is None else slice(*rows)
         if cols is None:
-            return ds[r]
-        if self.tensor_quant(name) == "q40":
-            if cols[0] % 32 or (cols[1] % 32 and cols[1] != self.h5[name].attrs["shape"][1]):
-                raise ModelFileError(f"columns {cols} of {name} are not whole Q4_0 blocks")
-            cols = (cols[0] // 32 * Q40_BLOCK_BYTES, -(-cols[1] // 32) * Q40_BLOCK_BYTES)
-        return ds[r, cols[0]:cols[1]]
+            array = ds[r]
+        else:
+            if self.tensor_quant(name) == "q40":
+                if cols[0] % 32 or (cols[1] % 32 and cols[1] != self.h5[name].attrs["shape"][1]):
+                    raise ModelFileError(f"columns {cols} of {name} are not whole Q4_0 blocks")
+                cols = (cols[0] // 32 * Q40_BLOCK_BYTES, -(-cols[1] // 32) * Q40_BLOCK_BYTES)
+            array = ds[r, cols[0]:cols[1]]
+        bad = count_non_finite(array)
+        if bad:
+            what = "Q4_0 block scales" if array.dtype == np.uint8 else "values"
+            where = "" if rows is None else f" (rows {rows[0]}..{rows[1]})"
+            raise ModelFileError(f"{self.path}: tensor {name}{where} holds {bad} NaN or "
+                                 f"infinite {what}: the file is corrupt")
+        return array
 
     def tokenizer(self):
         """(kind, bytes) of the embedded tokenizer, or None."""
@@ -311,6 +374,29 @@ class ModelFile:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def count_non_finite(array):
+    """NaN or infinite entries of a stored array: float32 values, or the float16 scales of
+    Q4_0 blocks (uint8 rows of 18-byte blocks, the scale first). The 4-bit codes of a block
+    are always finite, so its scale is all there is to check."""
+    if array.dtype == np.uint8:
+        blocks = np.ascontiguousarray(array).reshape(-1, Q40_BLOCK_BYTES)
+        values = blocks[:, :2].copy().view(np.float16)
+    else:
+        values = array
+    return int(values.size - np.count_nonzero(np.isfinite(values)))
+
+
+def minimum_weight_bytes(config):
+    """A lower bound of the bytes a file of this config holds: every matrix at Q4_0's
+    18 bytes per 32 weights, norms float32 (closed form: no loop over the layers)."""
+    c = config
+    q40 = Q40_BLOCK_BYTES / 32
+    per_layer = 2 * c.dim * 4 + q40 * (2 * c.dim * c.dim + 2 * c.kv_dim * c.dim
+                                       + 3 * c.hidden_dim * c.dim)
+    embeddings = q40 * c.vocab_size * c.dim * (1 if c.tie_embeddings else 2)
+    return int(c.n_layers * per_layer + embeddings + c.dim * 4)
 
 
 def _text(value):

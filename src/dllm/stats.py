@@ -60,8 +60,22 @@ def conditions(comm, model, **extra):
             "quant": getattr(model, "quant", None) or (
                 "q40" if model.weights["layers/0/wq"].dtype == np.uint8 else "f32"),
             "sync": model.sync, "sync_scheme": model.scheme, "max_seq_len": model.max_seq_len,
-            "prefill_chunk": model.prefill_chunk, "python": platform.python_version(),
-            "git_revision": git_revision(), **extra}
+            "prefill_chunk": model.prefill_chunk, "layout": layout(comm, model),
+            "python": platform.python_version(), "git_revision": git_revision(), **extra}
+
+
+def layout(comm, model):
+    """How the model is split over the ranks (even, or as a device profile chose): the
+    model's own `layout` (a pipeline's layers per rank), else every rank's query heads and
+    hidden rows of its tensor-parallel slices, gathered to root (None elsewhere).
+    Collective."""
+    if hasattr(model, "layout"):
+        return model.layout
+    shard = model.shard
+    sizes = comm.gather((shard.n_heads, shard.hidden_rows[1] - shard.hidden_rows[0]))
+    if sizes is None:
+        return None
+    return {"heads_per_rank": [h for h, _ in sizes], "hidden_rows_per_rank": [r for _, r in sizes]}
 
 
 def summarize(comm, timer):
@@ -100,13 +114,32 @@ def git_revision():
 
 
 def write_json_atomically(path, data):
-    """Write JSON to a temporary file beside `path`, then rename it into place."""
+    """Write JSON to a temporary file beside `path`, flush it to disk, then rename it into
+    place: a crash or power loss at any moment leaves the old file or the new one whole."""
     import json
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.resolve().parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _fsync_folder(folder):
+    """Make a rename in `folder` durable (where the OS allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -75,7 +75,9 @@ class _SentencePiece:
         try:
             self.sp.LoadFromSerializedProto(bytes(blob))
         except Exception as exc:  # sentencepiece raises bare RuntimeError/OSError on bad protos
-            raise DllmError(f"tokenizer cannot be read: {str(exc).splitlines()[0]}") from None
+            raise DllmError(f"the tokenizer cannot be read: not a valid SentencePiece model "
+                            f"({str(exc).splitlines()[0].split(']')[-1].strip() or 'corrupt'})"
+                            ) from None
         self.vocab_size = self.sp.GetPieceSize()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
 
