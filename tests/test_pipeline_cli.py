@@ -47,6 +47,18 @@ def test_bench_pipeline_line(tmp_path):
     assert record["bytes_per_token"]["received"] > 0 and record["decode_tokens_per_s"] > 0
 
 
+def test_bench_refuses_a_rank_without_layers_in_one_line(tmp_path):
+    """It used to divide by the rank's empty weights (ZeroDivisionError)."""
+    (tmp_path / "p.json").write_text('{"devices": [{"memory": "1GB"}, {"memory": "1GB"}], '
+                                     '"layers": [4, 0]}')
+    result = run_bench(2, "--model", default_model(), "--parallel", "pipeline", "--profile",
+                       tmp_path / "p.json", "--prompt-len", 4, "--decode-tokens", 2)
+    lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("dllm.bench: error: rank 1 "), result.stderr
+    assert "would hold none of the model's 4 layers" in lines[0]
+
+
 def test_bench_compare_reports_every_mode(tmp_path):
     out = tmp_path / "compare.jsonl"
     result = run_bench(2, "compare", "--model", default_model(), "--sequences", "1,2",
@@ -62,6 +74,9 @@ def test_bench_compare_reports_every_mode(tmp_path):
         assert m["logits_rel_error"] <= 1e-5 and m["argmax_agreement"] == 1.0
         assert set(m["tokens_per_s"]) == {"1", "2"} and all(v > 0 for v in m["tokens_per_s"].values())
         assert all(r["received"] > 0 for r in m["per_rank"])
+        assert m["conditions"]["layout"]
+    assert modes["pipeline"]["conditions"]["layout"] == {"layers_per_rank": [2, 2]}
+    assert "0/0 " not in result.stdout      # the demo's weights are under 1 MB per rank
     assert modes["pipeline"]["per_rank"][0]["weights"] > modes["pipeline"]["per_rank"][1]["weights"]
     assert all(r["received"] == 0 for r in modes["centralized"]["per_rank"])
 

@@ -7,6 +7,7 @@ import itertools
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,9 @@ import pytest
 from dllm.config import ModelConfig
 from dllm.errors import DllmError
 from dllm.generate import default_model
-from dllm.plan import (CostModel, crowding_distance, min_latency_plan, nondominated_sort, nsga2,
-                       recommend, search)
+from dllm.plan import (CostModel, Plan, baseline_note, check_table, crowding_distance,
+                       greedy_memory_plan, min_latency_plan, nondominated_sort, nsga2, recommend,
+                       search)
 from dllm.profile import Profile, stage_bytes
 
 from test_cli import TIMEOUT, mpirun_command
@@ -61,6 +63,13 @@ def test_root_alone_has_no_hops_and_short_memory_is_infeasible():
     assert tight.evaluate((0, 1), (3, 3)).feasible
 
 
+def test_a_device_after_root_without_layers_is_infeasible():
+    """The pipeline refuses a rank with no layer, so no plan may have one; root may."""
+    model = two_devices()
+    assert not model.evaluate((0, 1), (6, 0)).feasible
+    assert model.evaluate((0, 1), (0, 6)).feasible
+
+
 def test_profile_without_timings_is_refused():
     p = Profile.from_dict({"devices": [{"memory": "1GB"}]})
     with pytest.raises(DllmError, match="layer_ms"):
@@ -72,6 +81,17 @@ def test_nondominated_sort_and_crowding():
     assert nondominated_sort([[1, 2], [2, 1], [2, 2], [3, 3], [1, 2]]).tolist() == [0, 0, 1, 2, 0]
     d = crowding_distance([[0, 1], [0.5, 0.5], [1, 0], [0.25, 0.8]])
     assert np.isinf(d[0]) and np.isinf(d[2]) and d[1] == pytest.approx(0.75 + 0.8)
+
+
+def test_crowding_and_nsga2_take_infeasible_points_without_warnings():
+    """Infeasible points evaluate to inf; no inf - inf may reach the arithmetic."""
+    def half_infeasible(x):
+        return (np.inf, np.inf) if x[0] > 0.5 else (x[0], 1 - x[0] + x[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = crowding_distance([[1, np.inf], [2, np.inf], [3, np.inf], [0.5, 2]])
+        X, F = nsga2(half_infeasible, 2, pop_size=12, generations=5, seed=0)
+    assert np.all(np.isfinite(d) | np.isinf(d)) and len(X) == 12
 
 
 def test_nsga2_finds_a_known_front():
@@ -136,6 +156,42 @@ def test_search_front_is_feasible_nondominated_and_holds_the_baselines():
     assert chosen and all(p in front for p in chosen)
 
 
+def test_greedy_baseline_leaves_out_a_device_too_small_for_a_layer():
+    profile = Profile.from_dict({
+        "devices": [{"name": "a", "memory": "1GB"}, {"name": "b", "memory": "1GB"},
+                    {"name": "tiny", "memory": stage_bytes(SMALL, "f32", 1, False, 16) - 1}],
+        "default_link": {"latency_ms": 1.0, "bandwidth_mbit_s": 100},
+        "layer_ms": 10.0, "classifier_ms": 4.0})
+    plan = greedy_memory_plan(CostModel(SMALL, "f32", profile))
+    assert plan.feasible and plan.order == (0, 1) and plan.layers == (3, 3)
+
+
+LLAMA70B = ModelConfig(dim=8192, hidden_dim=28672, n_layers=80, n_heads=64, n_kv_heads=8,
+                       vocab_size=32000, max_seq_len=4096)
+
+
+def test_a_model_that_fits_no_plan_is_an_error_and_no_baseline_is_on_the_front():
+    profile = Profile.from_dict(json.loads(EXAMPLE.read_text()))
+    model = CostModel(LLAMA70B, "q40", profile, sequences=4)
+    with pytest.raises(DllmError, match="80 layers do not fit the profile's memory"):
+        search(model, pop_size=12, generations=2)
+    infeasible = greedy_memory_plan(model)
+    assert not infeasible.feasible and "on the front" not in baseline_note(infeasible, [])
+    feasible = two_devices().evaluate((0, 1), (2, 4))
+    assert feasible.dominates(Plan((0, 1), (6, 0)))
+    assert "on the front" in baseline_note(feasible, [feasible])
+
+
+def test_check_table_marks_each_plan_against_the_25_percent_target():
+    def row(predicted, measured):
+        plan = {"source": "nsga2", "order": ["a", "b"], "layers": [2, 4],
+                "predicted": {"ms_per_token": predicted, "tokens_per_s": 10.0}}
+        return {"plan": plan, "measured_ms_per_token": measured, "measured_tokens_per_s": 9.0}
+    lines = check_table([row(120, 100), row(130, 100), row(80, 100)], 4).splitlines()
+    assert "within 25%" in lines[1] and "OUTSIDE 25%" in lines[2] and "within 25%" in lines[3]
+    assert lines[-1] == "predicted latency within 25% of measured for 2 of 3 plan(s)"
+
+
 def test_genome_round_trip():
     profile = Profile.from_dict(json.loads(EXAMPLE.read_text()))
     model = CostModel(LLAMA7B, "q40", profile, sequences=1, max_seq_len=1024)
@@ -164,6 +220,7 @@ def test_search_cli_writes_plans(tmp_path):
     result = run_plan("search", "--profile", EXAMPLE, "--model", default_model(),
                       "--generations", 5, "--population", 12, "-o", out)
     assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stderr
     assert "baselines:" in result.stdout and "min-latency" in result.stdout
     record = json.loads(out.read_text())
     assert record["front"] and record["recommended"]
@@ -173,12 +230,14 @@ def test_search_cli_writes_plans(tmp_path):
 
 @pytest.mark.parametrize("args,fragment", [
     (("search", "--profile", "/nonexistent.json", "--preset", "llama2-7b"), "profile not found"),
+    (("search", "--profile", EXAMPLE, "--preset", "llama2-70b"), "80 layers do not fit"),
     (("check", "/nonexistent.json", "--model", "x.h5"), "cannot read plans"),
 ])
 def test_cli_errors_are_one_line(args, fragment):
     result = run_plan(*args)
     lines = [line for line in result.stderr.splitlines() if "error" in line]
     assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "Warning" not in result.stderr and "on the front" not in result.stdout
     assert len(lines) == 1 and lines[0].startswith("dllm.plan: error:") and fragment in lines[0]
 
 

@@ -12,8 +12,10 @@ from dllm.comm import Comm
 from dllm.config import ModelConfig
 from dllm.errors import DllmError
 from dllm.profile import (Profile, assign_layers, check_tensor_memory, layer_bytes, kv_bytes,
-                          parse_bytes, read_profile, root_bytes, stage_bytes, tensor_shares)
+                          parse_bytes, pipeline_stages, read_profile, root_bytes, stage_bytes,
+                          tensor_shares)
 from dllm.shard import block_split, blocked_rows, plan, proportional_counts
+from dllm.stats import conditions
 
 from conftest import CONFIGS, WORLD, all_ranks, make_model
 from reference import relative_error
@@ -159,6 +161,33 @@ def test_fixed_layers_are_checked_against_memory():
         assign_layers(LLAMA7B, "q40", profile(["1GB"] * 2, [1, 1]), 4096)
 
 
+def test_small_sizes_in_messages_keep_their_digits():
+    with pytest.raises(DllmError, match=r"needed, 10\.0 kB in the profile"):
+        assign_layers(LLAMA7B, "q40", profile(["10kB", "100GB"], [1, 1]), 4096)
+
+
+FOUR = ModelConfig(dim=64, hidden_dim=128, n_layers=4, n_heads=4, n_kv_heads=4,
+                   vocab_size=100, max_seq_len=16)
+
+
+def test_every_pipeline_rank_but_root_holds_a_layer():
+    """A rank without layers would only pass activations on: refused, naming the numbers;
+    root may hold none (it still runs the embedding and the classifier)."""
+    assert pipeline_stages(FOUR, "q40", 4, None, 16) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    with pytest.raises(DllmError, match="4 layers cannot be split over 5 pipeline ranks"):
+        pipeline_stages(FOUR, "q40", 5, None, 16)
+    with pytest.raises(DllmError, match=r"rank 1 \(d1\) would hold none of the model's 4 "
+                                        r"layers over 2 pipeline ranks \(layers \[4, 0\]\)"):
+        pipeline_stages(FOUR, "q40", 2, profile(["1GB"] * 2, [1, 1], [4, 0]), 16)
+    with pytest.raises(DllmError, match="rank 4 .* would hold none"):
+        pipeline_stages(FOUR, "q40", 5, profile(["1GB"] * 5, [1] * 5), 16)
+    assert pipeline_stages(FOUR, "q40", 2, profile(["1GB"] * 2, [1, 1], [0, 4]), 16) == \
+        [(0, 0), (0, 4)]
+    # a slow rank still gets a layer when the speeds alone would give it none
+    assert pipeline_stages(FOUR, "q40", 2, profile(["1GB"] * 2, [10, 0.1]), 16) == \
+        [(0, 3), (3, 4)]
+
+
 # --- tensor parallelism: uneven slices ----------------------------------------------------------
 def test_plan_without_shares_is_the_even_split():
     cfg = CONFIGS["gqa"]
@@ -206,7 +235,9 @@ def test_uneven_tensor_slices_give_the_same_logits(model_dir, name):
     logits = model.logits([1, 5, 9, 2, 33, 17])
     alone = dllm.load(path, Comm.self_comm(), sync="f32").logits([1, 5, 9, 2, 33, 17])
     heads = model.shard.n_heads
-    expected = plan(CONFIGS[name], WORLD.size, shares=tensor_shares(
-        CONFIGS[name], "q40", Profile.from_dict(p), CONFIGS[name].max_seq_len))[WORLD.rank].n_heads
-    assert all_ranks(heads == expected and
-                     (not WORLD.is_root or relative_error(logits, alone) <= 1e-5))
+    shards = plan(CONFIGS[name], WORLD.size, shares=tensor_shares(
+        CONFIGS[name], "q40", Profile.from_dict(p), CONFIGS[name].max_seq_len))
+    layout = conditions(model.comm, model)["layout"]   # the run's conditions record the split
+    assert all_ranks(heads == shards[WORLD.rank].n_heads and
+                     (not WORLD.is_root or relative_error(logits, alone) <= 1e-5) and
+                     (not WORLD.is_root or layout["heads_per_rank"] == [s.n_heads for s in shards]))

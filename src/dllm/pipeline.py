@@ -116,14 +116,16 @@ class PipelineModel:
     parallel="pipeline")``. Same public API as dllm.model.Model, plus generate_many.
 
     stages: (start, stop) layer range of every rank, contiguous and covering all layers in
-    rank order (a rank may have none: it passes activations on). weights: this rank's arrays
-    keyed by dataset name (see stage_tensors).
+    rank order (every rank but root holds at least one; dllm.profile.pipeline_stages).
+    weights: this rank's arrays keyed by dataset name (see stage_tensors). profile: the
+    device profile the stages follow, or None; reserve_sequences checks its memory.
     """
     scheme = "pipeline"
 
     def __init__(self, comm, config, stages, weights, sync="q80", max_seq_len=None,
-                 prefill_chunk=64, tokenizer=None, path=None, quant=None):
+                 prefill_chunk=64, tokenizer=None, path=None, quant=None, profile=None):
         self.comm, self.config, self.stages, self.sync = comm, config, list(stages), sync
+        self.profile = profile
         self.prefill_chunk, self.tokenizer, self.path = prefill_chunk, tokenizer, path
         self.max_seq_len = max_seq_len or config.max_seq_len
         self.weights, self.quant = weights, quant
@@ -157,9 +159,20 @@ class PipelineModel:
             self.recv_buffer = np.empty(nbytes, dtype=np.uint8)
 
     def reserve_sequences(self, k):
-        """KV cache slots for k sequences in flight (reallocated, so caches start empty)."""
+        """KV cache slots for k sequences in flight (reallocated, so caches start empty).
+        Raises DllmError on every rank when they would exceed a rank's memory in the
+        profile (every rank checks every rank)."""
         if self.state.k_cache.shape[0] < k:
+            if self.profile is not None:
+                from .profile import check_stage_memory
+                check_stage_memory(self.config, self.quant, self.profile, self.stages,
+                                   self.max_seq_len, k)
             self.state.k_cache, self.state.v_cache = self._caches(k)
+
+    @property
+    def layout(self):
+        """How the model is split, for the run's conditions (dllm.stats.conditions)."""
+        return {"layers_per_rank": [stop - start for start, stop in self.stages]}
 
     # --- one stage: this rank's layers, as in model.py but whole matrices, no collectives --
     def run_layers(self, x, seq, pos):
@@ -275,7 +288,7 @@ class PipelineModel:
             if not self.is_last:
                 self._send(header)
         else:
-            x = self.run_layers(x, seq, pos) if self.layers else x
+            x = self.run_layers(x, seq, pos)
             if not self.is_last:
                 self._send(header, x)
             elif flags & LOGITS_LAST:
@@ -415,7 +428,8 @@ def generate_many(model, prompts, steps, sampler, stop_at_eos=True):
 def load_pipeline(comm, path, config, quant, stages, sync="q80", max_seq_len=None,
                   weights_from="file", tokenizer=None, prefill_chunk=64):
     """Collective: read this rank's layers (whole matrices) and build the PipelineModel.
-    Called by dllm.loading.load with the checked header and the stage of every rank."""
+    Called by dllm.loading.load with the checked header and the stage of every rank
+    (dllm.profile.Stages, which also carries the profile they follow)."""
     from .loading import _read_local, _weights_from_root
     entries_of = lambda rank: stage_tensors(config, stages[rank], rank == 0)  # noqa: E731
     if weights_from == "file":
@@ -424,4 +438,4 @@ def load_pipeline(comm, path, config, quant, stages, sync="q80", max_seq_len=Non
         weights = _weights_from_root(comm, path, entries_of)
     return PipelineModel(comm, config, stages, weights, sync=sync, max_seq_len=max_seq_len,
                          prefill_chunk=prefill_chunk, tokenizer=tokenizer, path=str(path),
-                         quant=quant)
+                         quant=quant, profile=getattr(stages, "profile", None))

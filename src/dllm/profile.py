@@ -266,19 +266,58 @@ def assign_layers(config, quant, profile, max_seq_len, sequences=1):
                                 f"layers: {_mb(need)} needed, "
                                 f"{_mb(profile.devices[rank].memory)} in the profile")
         return layers
+    check_layers_fit(config, caps, max_seq_len, sequences)
+    return proportional_counts(config.n_layers, profile.speeds, caps, minimum=1)
+
+
+def check_layers_fit(config, caps, max_seq_len, sequences=1):
+    """Raise DllmError when ranks holding at most caps[r] layers cannot hold the model."""
     if sum(caps) < config.n_layers:
         raise DllmError(f"the model's {config.n_layers} layers do not fit the profile's memory: "
                         f"the ranks hold at most {sum(caps)} ({', '.join(map(str, caps))}) "
-                        f"with a context of {max_seq_len}")
-    return proportional_counts(config.n_layers, profile.speeds, caps)
+                        f"with a context of {max_seq_len} and {sequences} sequence(s)")
+
+
+class Stages(list):
+    """(start, stop) layers of every rank, and the profile they follow (None: the even
+    split), so that the pipeline can check later memory demands against it."""
+
+    def __init__(self, ranges, profile=None):
+        super().__init__(ranges)
+        self.profile = profile
 
 
 def pipeline_stages(config, quant, size, profile, max_seq_len, sequences=1):
-    """(start, stop) layers of every rank: even without a profile, else assign_layers."""
+    """Stages of every rank: even without a profile, else assign_layers.
+
+    Every rank but root holds at least one layer: one with none would only pass activations
+    on, adding a hop and no work. Root may hold none (it still runs the embedding and the
+    classifier), as dllm.plan may choose for a slow root."""
     if profile is None:
         from .pipeline import split_layers
-        return split_layers(config.n_layers, size)
-    return counts_to_ranges(assign_layers(config, quant, profile, max_seq_len, sequences))
+        if size > config.n_layers:
+            raise DllmError(f"{config.n_layers} layers cannot be split over {size} pipeline "
+                            f"ranks: every rank needs at least one layer")
+        return Stages(split_layers(config.n_layers, size))
+    counts = assign_layers(config, quant, profile, max_seq_len, sequences)
+    idle = [rank for rank, n in enumerate(counts) if rank > 0 and n == 0]
+    if idle:
+        raise DllmError(f"rank {idle[0]} ({profile.devices[idle[0]].name}) would hold none of "
+                        f"the model's {config.n_layers} layers over {size} pipeline ranks "
+                        f"(layers {counts}): every rank but root needs at least one")
+    return Stages(counts_to_ranges(counts), profile)
+
+
+def check_stage_memory(config, quant, profile, stages, max_seq_len, sequences):
+    """Raise DllmError when a pipeline rank's layers with KV caches for `sequences`
+    sequences in flight (root: also the embedding and classifier) exceed its memory in the
+    profile. A pure function, so every rank raises the same error."""
+    for rank, ((start, stop), device) in enumerate(zip(stages, profile.devices)):
+        need = stage_bytes(config, quant, stop - start, rank == 0, max_seq_len, sequences)
+        if need > device.memory:
+            raise DllmError(f"{sequences} sequences in flight need {_mb(need)} on rank {rank} "
+                            f"({device.name}: {stop - start} layers with their KV caches), more "
+                            f"than the {_mb(device.memory)} in the profile")
 
 
 def shard_bytes(config, quant, shard, is_root, max_seq_len):
@@ -334,4 +373,8 @@ def check_tensor_memory(config, quant, profile, shards, max_seq_len):
 
 
 def _mb(nbytes):
-    return f"{nbytes / 1e6:.1f} MB"
+    """A size for messages: 10.0 kB, 37.5 MB, 3.9 GB (decimal units, as in profiles)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{int(nbytes)} B"
