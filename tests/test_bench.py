@@ -29,6 +29,7 @@ def test_bench_writes_one_json_line_per_run(tmp_path, scheme):
     for r in records:
         assert r["conditions"]["sync_scheme"] == scheme and r["prompt_tokens"] == 8
         assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
+        assert 0 < r["decode_step_ms"]["min"] <= r["decode_step_ms"]["median"]
         assert r["memory_per_rank"]["peak_rss"]["min"] > r["memory_per_rank"]["weights"]["max"]
         assert set(r["over_ranks"]) >= {"total_ms", "sync_ms", "inference_ms"}
     table = subprocess.run([sys.executable, "-m", "dllm.bench", "table", str(out)],

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import ArgumentParser, entry, root_print, run
+from .cli import (ArgumentParser, add_fault_options, entry, model_loaded, run,
+                  use_fault_options)
 from .errors import DllmError
 from .stats import StepTimer, conditions, spread, summarize
 
@@ -48,6 +49,7 @@ def build_parser(is_root=True):
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     p.add_argument("--out", help="append the run's JSON line to this file")
+    add_fault_options(p)
     return p
 
 
@@ -63,6 +65,7 @@ def _main(comm, argv):
         return compare_main(comm, argv[1:])
     from .loading import load
     args = build_parser(comm.is_root).parse_args(argv)
+    use_fault_options(comm, args)
     if (args.model is None) == (args.preset is None):
         raise DllmError("give exactly one of --model and --preset")
     if min(args.prompt_len, args.decode_tokens) < 1 or args.warmup < 0:
@@ -71,6 +74,7 @@ def _main(comm, argv):
     model = load(path, comm, sync=args.sync, sync_scheme=args.sync_scheme,
                  weights_from=args.weights_from, prefill_chunk=args.prefill_chunk,
                  max_seq_len=args.max_seq_len, parallel=args.parallel, profile=args.profile)
+    model_loaded(comm)
     need = args.prompt_len + args.warmup + args.decode_tokens
     if need > model.max_seq_len:
         raise DllmError(f"--prompt-len + --warmup + --decode-tokens = {need} exceeds the "
@@ -126,6 +130,9 @@ def measure(comm, model, args):
               "weights": int(sum(w.nbytes for w in model.weights.values())),
               "kv_cache": int(model.state.k_cache.nbytes + model.state.v_cache.nbytes)}
     memories = comm.gather(memory)
+    # Every decode step's time: their median resists bursts of other work on a shared
+    # machine better than the mean (ms_per_token), which one slow step can move.
+    step_ms = comm.gather([1e3 * lap[1] for lap in timer.laps.get("decode", [])])
     summary = summarize(comm, timer)
     info = conditions(comm, model, weights_from=args.weights_from, prompt_len=args.prompt_len,
                       decode_tokens=args.decode_tokens, warmup=args.warmup)
@@ -134,8 +141,12 @@ def measure(comm, model, args):
     summary.pop("generated_tokens", None)
     summary["memory_per_rank"] = {
         key: spread([m[key] for m in memories]) for key in ("peak_rss", "weights", "kv_cache")}
+    held = [m for m in memories if m["weights"] + m["kv_cache"] > 0]   # never divide by 0
     summary["memory_per_rank"]["rss_over_weights_plus_kv"] = spread(
-        [m["peak_rss"] / (m["weights"] + m["kv_cache"]) for m in memories])
+        [m["peak_rss"] / (m["weights"] + m["kv_cache"]) for m in held]) if held else None
+    summary["decode_step_ms"] = {   # over the steps of each rank, then the median over ranks
+        "min": float(np.median([min(s) for s in step_ms])),
+        "median": float(np.median([np.median(s) for s in step_ms]))}
     return {"kind": "bench", **summary, "conditions": info,
             "model_config": model.config.to_dict(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
@@ -201,8 +212,8 @@ def plot(records, folder):
         n = [r["conditions"]["world_size"] for r in rs]
         ax.plot(n, [r["ms_per_token"]["total"] for r in rs], "o-", label=f"{scheme}: total")
         ax.plot(n, [r["ms_per_token"]["sync"] for r in rs], "x--", label=f"{scheme}: sync")
-    ax.set(xlabel="ranks", ylabel="ms per decoded token", xscale="log", xticks=[1, 2, 4, 8])
-    ax.set_xticklabels(["1", "2", "4", "8"])
+    ax.set(ylabel="ms per decoded token")
+    _ranks_axis(ax, records)
     ax.legend()
     fig.tight_layout()
     fig.savefig(folder / "time_per_token.png", dpi=120)
@@ -211,10 +222,20 @@ def plot(records, folder):
         rs = [r for r in records if r["conditions"]["sync_scheme"] == scheme]
         ax.plot([r["conditions"]["world_size"] for r in rs],
                 [r["bytes_per_token"]["received"] / 1e3 for r in rs], "o-", label=scheme)
-    ax.set(xlabel="ranks", ylabel="kB received per token per rank (median)")
+    ax.set(ylabel="kB received per token per rank (median)")
+    _ranks_axis(ax, records)
     ax.legend()
     fig.tight_layout()
     fig.savefig(folder / "bytes_per_token.png", dpi=120)
+
+
+def _ranks_axis(ax, records):
+    """World sizes on a log2 axis, labelled with the sizes measured and nothing else."""
+    sizes = sorted({r["conditions"]["world_size"] for r in records})
+    ax.set_xscale("log", base=2)
+    ax.minorticks_off()
+    ax.set(xlabel="ranks", xticks=sizes)
+    ax.set_xticklabels([str(n) for n in sizes])
 
 
 # --- compare: the same model centralized, tensor-parallel and pipeline-parallel ---------------
@@ -246,6 +267,9 @@ def compare_parser(is_root=True):
     p.add_argument("--warmup", type=int, default=1, help="untimed decode steps first (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--out", help="append the comparison's JSON line to this file")
+    # The other ranks wait while root runs the model alone, so every wait is held to
+    # --load-timeout here (raise it for a large model), never to --timeout.
+    add_fault_options(p)
     return p
 
 
@@ -253,6 +277,7 @@ def compare_main(comm, argv):
     """Collective: measure every mode in turn, print the table on root."""
     from .loading import load
     args = compare_parser(comm.is_root).parse_args(argv)
+    use_fault_options(comm, args)
     if (args.model is None) == (args.preset is None):
         raise DllmError("give exactly one of --model and --preset")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -371,11 +396,17 @@ def compare_table(result):
     return "\n".join([head] + [_compare_row(r, ks) for r in result["modes"]])
 
 
+def _megabytes(nbytes):
+    """MB with the digits a small model needs: 0.47, 3.2, 173."""
+    mb = nbytes / 1e6
+    return f"{mb:.0f}" if mb >= 100 else f"{mb:.1f}" if mb >= 1 else f"{mb:.2f}"
+
+
 def _compare_row(r, ks):
     ranks = r["per_rank"]
     err = f"{r['logits_rel_error']:10.2e}" if "logits_rel_error" in r else f"{'(ref)':>10}"
     agree = f"{r['argmax_agreement']:6.2f}" if "argmax_agreement" in r else f"{'':>6}"
-    weights = "/".join(f"{x['weights'] / 1e6:.0f}" for x in ranks)
+    weights = "/".join(_megabytes(x["weights"]) for x in ranks)
     sent, received = (max(x[key] for x in ranks) / 1e3 for key in ("sent", "received"))
     return (f"{r['mode']:<12} {r['world_size']:>5} {r['ms_per_token']:9.1f} "
             + " ".join(f"{r['tokens_per_s'][str(k)]:10.2f}" for k in ks)

@@ -32,6 +32,44 @@ class ArgumentParser(argparse.ArgumentParser):
             super()._print_message(message, file)
 
 
+def add_engine_options(p):
+    """The flags that say how a model is loaded and run over the ranks (dllm.load's options):
+    generate and eval share them, so they mean the same everywhere."""
+    p.add_argument("--model", default=None,
+                   help="dllm HDF5 model file (default: the embedded tinystories-1m demo)")
+    p.add_argument("--sync", default="q80", choices=("q80", "f32"),
+                   help="activation payload between ranks (default q80)")
+    p.add_argument("--sync-scheme", default="slices", choices=("slices", "partials", "reduce"),
+                   help="how ranks combine matmul outputs: Allgather output slices (default), "
+                        "Allgather row-parallel partial sums, or reduce-scatter + Allgather")
+    p.add_argument("--parallel", default="tensor", choices=("tensor", "pipeline"),
+                   help="'tensor': every rank a slice of every matrix (default); 'pipeline': "
+                        "every rank whole layers, activations passed rank to rank")
+    p.add_argument("--profile", default=None, metavar="PATH",
+                   help="device profile (JSON, docs/parallelism.md): layers by speed within "
+                        "memory (pipeline), uneven slices by speed (tensor)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="context to allocate, at most the model's (default: the model's)")
+    p.add_argument("--weights-from", default="file", choices=("file", "root"),
+                   help="'file': every rank reads its slices from the model file (shared "
+                        "filesystem); 'root': root reads and sends them (default file)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer file overriding the embedded one (SentencePiece "
+                        "tokenizer.model, llama2.c tokenizer.bin or tokenizer.json)")
+    p.add_argument("--prefill-chunk", type=int, default=64,
+                   help="prompt tokens per forward pass while prefilling (default 64)")
+
+
+def load_model(comm, args):
+    """dllm.load with the engine options (collective); the embedded demo without --model."""
+    from .generate import default_model
+    from .loading import load
+    return load(args.model or default_model(), comm, sync=args.sync,
+                max_seq_len=args.max_seq_len, weights_from=args.weights_from,
+                tokenizer=args.tokenizer, prefill_chunk=args.prefill_chunk,
+                sync_scheme=args.sync_scheme, parallel=args.parallel, profile=args.profile)
+
+
 def add_fault_options(parser):
     """--timeout and --load-timeout: how long any rank may wait in one MPI call."""
     from .watchdog import DEFAULT_LOAD_TIMEOUT, DEFAULT_TIMEOUT
@@ -80,9 +118,12 @@ def run(main, argv, prog):
         print(f"{prog}: error: MPI is not available ({reason}); {MPI_HELP}", file=sys.stderr)
         return 1
     comm.watchdog = None
-    if comm.size > 1:
+    if comm.size > 1 and comm.threads_supported():
         from .watchdog import Watchdog
         comm.watchdog = Watchdog(comm, prog).start()
+    elif comm.size > 1 and comm.is_root:
+        print(f"{prog}: warning: this MPI library does not provide MPI_THREAD_MULTIPLE, so "
+              f"the watchdog is off: a lost rank may leave the job hanging", file=sys.stderr)
     try:
         return main(comm, argv) or 0
     except DllmError as exc:

@@ -300,6 +300,12 @@ class Comm:
         self._end()
 
     # --- the watchdogs' control channel (dllm.watchdog) ---------------------------------
+    @staticmethod
+    def threads_supported():
+        """True when MPI lets a second thread (the watchdog) call it while the main thread
+        is inside a collective: MPI_THREAD_MULTIPLE, which mpi4py asks for by default."""
+        return MPI.Query_thread() >= MPI.THREAD_MULTIPLE
+
     def open_control(self):
         """Collective: a duplicate communicator for the watchdog threads' messages."""
         if self._control is None:

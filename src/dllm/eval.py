@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from . import evaluate
-from .cli import (ArgumentParser, add_fault_options, entry, model_loaded, root_print, run,
-                  use_fault_options)
+from .cli import (ArgumentParser, add_engine_options, add_fault_options, entry, load_model,
+                  model_loaded, root_print, run, use_fault_options)
 from .errors import DllmError
 from .generate import check_writable, default_model
 from .stats import conditions, write_json_atomically
@@ -63,26 +63,7 @@ def build_parser(is_root=True):
 
 
 def add_model_options(p):
-    p.add_argument("--model", default=None,
-                   help="dllm HDF5 model file (default: the embedded tinystories-1m demo)")
-    p.add_argument("--sync", default="q80", choices=("q80", "f32"),
-                   help="activation payload between ranks (default q80)")
-    p.add_argument("--sync-scheme", default="slices", choices=("slices", "partials", "reduce"),
-                   help="how ranks combine matmul outputs (default slices)")
-    p.add_argument("--parallel", default="tensor", choices=("tensor", "pipeline"),
-                   help="'tensor': every rank a slice of every matrix (default); 'pipeline': "
-                        "every rank whole layers, activations passed rank to rank")
-    p.add_argument("--profile", default=None, metavar="PATH",
-                   help="device profile (JSON, docs/parallelism.md): layers by speed within "
-                        "memory (pipeline), uneven slices by speed (tensor)")
-    p.add_argument("--max-seq-len", type=int, default=None,
-                   help="context to allocate, at most the model's (default: the model's)")
-    p.add_argument("--weights-from", default="file", choices=("file", "root"),
-                   help="'file': every rank reads its slices; 'root': root sends them")
-    p.add_argument("--tokenizer", default=None,
-                   help="SentencePiece tokenizer.model overriding the embedded one")
-    p.add_argument("--prefill-chunk", type=int, default=64,
-                   help="prompt tokens per forward pass (default 64)")
+    add_engine_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--checkpoint-every", type=float, default=evaluate.CHECKPOINT_SECONDS,
                    metavar="SECONDS",
@@ -110,11 +91,7 @@ def _watch(comm, args):
 
 
 def _load(comm, args):
-    from .loading import load
-    model = load(args.model or default_model(), comm, sync=args.sync,
-                 max_seq_len=args.max_seq_len, weights_from=args.weights_from,
-                 tokenizer=args.tokenizer, prefill_chunk=args.prefill_chunk,
-                 sync_scheme=args.sync_scheme, parallel=args.parallel, profile=args.profile)
+    model = load_model(comm, args)
     model_loaded(comm)
     return model
 

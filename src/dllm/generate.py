@@ -13,8 +13,8 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from .cli import (ArgumentParser, add_fault_options, entry, model_loaded, root_print, run,
-                  use_fault_options)
+from .cli import (ArgumentParser, add_engine_options, add_fault_options, entry, load_model,
+                  model_loaded, root_print, run, use_fault_options)
 from .errors import DllmError
 from .sampler import Sampler
 from .stats import StepTimer, conditions, summarize, write_json_atomically
@@ -34,8 +34,7 @@ def default_model():
 def build_parser(is_root=True):
     p = ArgumentParser(prog=f"python -m {PROG}", is_root=is_root,
                        description="Generate text with a model split over the MPI ranks.")
-    p.add_argument("--model", default=None,
-                   help="dllm HDF5 model file (default: the embedded tinystories-1m demo)")
+    add_engine_options(p)
     p.add_argument("--prompt", default="", help="text to continue (default: start from BOS)")
     p.add_argument("--steps", type=int, default=128, help="new tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=0.0,
@@ -43,26 +42,6 @@ def build_parser(is_root=True):
     p.add_argument("--top-p", type=float, default=1.0,
                    help="nucleus sampling mass in (0, 1]; 1 = off (default 1)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    p.add_argument("--sync", default="q80", choices=("q80", "f32"),
-                   help="activation payload between ranks (default q80)")
-    p.add_argument("--sync-scheme", default="slices", choices=("slices", "partials", "reduce"),
-                   help="how ranks combine matmul outputs: Allgather output slices (default), "
-                        "Allgather row-parallel partial sums, or reduce-scatter + Allgather")
-    p.add_argument("--parallel", default="tensor", choices=("tensor", "pipeline"),
-                   help="'tensor': every rank a slice of every matrix (default); 'pipeline': "
-                        "every rank whole layers, activations passed rank to rank")
-    p.add_argument("--profile", default=None, metavar="PATH",
-                   help="device profile (JSON, docs/parallelism.md): layers by speed within "
-                        "memory (pipeline), uneven slices by speed (tensor)")
-    p.add_argument("--max-seq-len", type=int, default=None,
-                   help="context to allocate, at most the model's (default: the model's)")
-    p.add_argument("--weights-from", default="file", choices=("file", "root"),
-                   help="'file': every rank reads its slices from the model file (shared "
-                        "filesystem); 'root': root reads and sends them (default file)")
-    p.add_argument("--tokenizer", default=None,
-                   help="SentencePiece tokenizer.model overriding the embedded one")
-    p.add_argument("--prefill-chunk", type=int, default=64,
-                   help="prompt tokens per forward pass while prefilling (default 64)")
     p.add_argument("--no-stop", action="store_true", help="do not stop at the EOS token")
     p.add_argument("--stats-json", default=None, metavar="PATH",
                    help="write the run's figures and conditions as JSON")
@@ -86,7 +65,6 @@ def main(argv=None):
 
 
 def _main(comm, argv):
-    from .loading import load
     from .model import generate_tokens
     parser = build_parser(comm.is_root)
     args = parser.parse_args(argv)
@@ -107,10 +85,7 @@ def _main(comm, argv):
     for path in (args.stats_json, args.transcript if not args.resume else None):
         if path:
             comm.from_root(check_writable, path)
-    model = load(args.model or default_model(), comm, sync=args.sync,
-                 max_seq_len=args.max_seq_len, weights_from=args.weights_from,
-                 tokenizer=args.tokenizer, prefill_chunk=args.prefill_chunk,
-                 sync_scheme=args.sync_scheme, parallel=args.parallel, profile=args.profile)
+    model = load_model(comm, args)
     if args.chat:
         model_loaded(comm)
         return chat(comm, model, args, sampler)

@@ -11,12 +11,21 @@ import numpy as np
 
 from .quant import Q40_BLOCK_BYTES, dequantize_q40
 
-# Q4_0 byte -> its two 4-bit codes minus 8: [low nibble (element j), high nibble (element j+16)].
-_Q40_LUT = np.stack([(np.arange(256) & 15) - 8, (np.arange(256) >> 4) - 8], axis=1).astype(np.float32)
+# Prefill: two Q4_0 code bytes read as one little-endian uint16 -> their four 4-bit codes
+# minus 8: [low nibble of byte 0, its high nibble, low of byte 1, its high] = elements (j, j+16,
+# j+1, j+17) of the block (GGML: low nibble = element j, high = element j+16). A 1 MB table:
+# one lookup yields 4 weights, a quarter faster than a byte table yielding 2.
+_CODE_PAIRS = np.arange(1 << 16)
+_Q40_LUT16 = (np.stack([_CODE_PAIRS & 15, (_CODE_PAIRS >> 4) & 15, (_CODE_PAIRS >> 8) & 15,
+                        _CODE_PAIRS >> 12], axis=1) - 8).astype(np.float32)
 
-# Weights unpacked per step: the float32 scratch (512 KB) stays in cache when decoding; prefill
-# takes 16x taller tiles so that each BLAS gemm call has enough rows to reach its full rate.
-TILE_WEIGHTS = 1 << 17
+# Weights unpacked per step. Decoding: 3 * 2^16 weights, at least MIN_TILE_ROWS rows (each
+# block's small gemv needs rows to amortize its call); the float32 copy of the tile's bytes
+# (0.44 MB) stays in L2 and, with the rest of the call's scratch, adds < 0.035 bytes per
+# weight to a 4096x4096 Q4_0 matrix's 0.5625 (docs/benchmarks.md). Prefill takes 16x taller
+# tiles so that each BLAS gemm call has enough rows to reach its full rate.
+TILE_WEIGHTS = 3 << 16
+MIN_TILE_ROWS = 32
 PREFILL_TILE_FACTOR = 16
 
 
@@ -28,35 +37,68 @@ def matmul(x, w, quant):
 def matmul_q40(x, w_q40):
     """x (T, n) float32 times a Q4_0 matrix (rows, n/32*18) uint8 transposed -> (T, rows) float32.
 
-    The matrix stays Q4_0 in memory; tiles of rows are unpacked into float32 scratch. The
-    lookup table yields each block's values in interleaved order (j, j+16, j+1, j+17, ...), so
-    x is permuted once to match instead of reordering weights. Decoding (T = 1) sums per-block
-    dot products times the block scales; prefill (T > 1) scales the tile and calls BLAS gemm,
-    which amortizes the unpacking over the T tokens.
+    The matrix stays Q4_0 in memory; tiles of rows are converted into one float32 scratch
+    tile, reused. Decoding (T = 1) multiplies by the raw code bytes (see _gemv_q40); prefill
+    (T > 1) dequantizes the tile by table lookup and calls BLAS gemm, which amortizes the
+    unpacking over the T tokens.
     """
     T, n = x.shape
     rows, row_bytes = w_q40.shape
     nb = row_bytes // Q40_BLOCK_BYTES
     if nb * 32 != n:
         raise ValueError(f"input width {n} does not match a Q4_0 matrix of {nb} blocks per row")
+    steps = TILE_WEIGHTS * (1 if T == 1 else PREFILL_TILE_FACTOR) // n
+    tile = max(1, min(rows, max(MIN_TILE_ROWS, steps)))
+    if T == 1:
+        return _gemv_q40(np.asarray(x, np.float32).reshape(nb, 32), w_q40, tile)
+    # The table yields each block's values in interleaved order (j, j+16, j+1, j+17, ...), so
+    # x is permuted once to match instead of reordering weights.
     x_lanes = np.ascontiguousarray(
         x.reshape(T, nb, 2, 16).transpose(0, 1, 3, 2).reshape(T, n), dtype=np.float32)
+    # Each 18-byte block is 9 uint16: the f16 scale, then 8 pairs of code bytes.
+    words = w_q40.view(np.uint16).reshape(rows, nb, 9)
+    codes, scales = words[:, :, 1:], words[:, :, 0].view(np.float16)
+    scratch = np.empty((tile, nb, 8, 4), dtype=np.float32)
     out = np.empty((T, rows), dtype=np.float32)
-    tile = max(1, TILE_WEIGHTS * (1 if T == 1 else PREFILL_TILE_FACTOR) // n)
     for r0 in range(0, rows, tile):
-        w = w_q40[r0:r0 + tile]
-        r = len(w)
-        codes = np.ascontiguousarray(w.reshape(r, nb, Q40_BLOCK_BYTES)[:, :, 2:])
-        values = np.take(_Q40_LUT, codes, axis=0, mode="clip").reshape(r, nb, 32)  # codes - 8
-        # The f16 scale is the first 2 of every 18 bytes: every 9th uint16 of the row.
-        scales = w.view(np.uint16)[:, ::9].view(np.float16).astype(np.float32)  # (r, nb)
-        if T == 1:
-            # (nb, r, 32) @ (nb, 32, 1): one small gemv per block column, batched by BLAS
-            block_dots = np.matmul(values.transpose(1, 0, 2), x_lanes.reshape(nb, 32, 1))
-            out[0, r0:r0 + r] = np.einsum("bo,ob->o", block_dots[:, :, 0], scales)
-        else:
-            values *= scales[:, :, None]
-            np.matmul(x_lanes, values.reshape(r, n).T, out=out[:, r0:r0 + r])
+        r1 = min(r0 + tile, rows)
+        values = np.take(_Q40_LUT16, codes[r0:r1], axis=0, mode="clip",
+                         out=scratch[:r1 - r0]).reshape(r1 - r0, nb, 32)      # codes - 8
+        values *= scales[r0:r1, :, None].astype(np.float32)
+        np.matmul(x_lanes, values.reshape(r1 - r0, n).T, out=out[:, r0:r1])
+    return out
+
+
+def _gemv_q40(x_blocks, w_q40, tile):
+    """Decode: (1, rows) = x W^T for x_blocks (nb, 32) and a Q4_0 matrix, by tiles of rows.
+
+    Code byte j of a block holds c = lo + 16 hi, lo for element j and hi for element j+16, so
+        lo x_j + hi x_{j+16} = c x_j + hi (x_{j+16} - 16 x_j),
+    and a block's dot product is the raw bytes' dot product plus their high nibbles' (each cast
+    to float32 whole, a contiguous pass without a lookup), minus 8 sum(x_block) for the codes'
+    offset, times the block's scale. The 2 scale bytes that start each 18-byte block are cast
+    too and meet zeros in x.
+    """
+    rows, row_bytes = w_q40.shape
+    nb = len(x_blocks)
+    x_planes = np.zeros((2, nb, Q40_BLOCK_BYTES, 1), dtype=np.float32)
+    x_planes[0, :, 2:, 0] = x_blocks[:, :16]                               # times the bytes
+    x_planes[1, :, 2:, 0] = x_blocks[:, 16:] - 16 * x_blocks[:, :16]       # times hi nibbles
+    offsets = 8 * x_blocks.sum(axis=1, dtype=np.float32)[:, None, None]    # (nb, 1, 1)
+    scratch = np.empty((tile, nb, Q40_BLOCK_BYTES), dtype=np.float32)
+    out = np.empty((1, rows), dtype=np.float32)
+    for r0 in range(0, rows, tile):
+        raw = w_q40[r0:r0 + tile]                                          # (r, nb * 18) uint8
+        plane = scratch[:len(raw)]
+        flat = plane.reshape(len(raw), row_bytes)
+        # (nb, r, 18) @ (nb, 18, 1): one small gemv per block column, batched by BLAS
+        np.copyto(flat, raw, casting="unsafe")
+        block_dots = np.matmul(plane.transpose(1, 0, 2), x_planes[0])
+        np.right_shift(raw, 4, out=flat, casting="unsafe")
+        block_dots += np.matmul(plane.transpose(1, 0, 2), x_planes[1])
+        block_dots -= offsets
+        scales = raw.view(np.uint16)[:, ::9].view(np.float16).astype(np.float32)  # (r, nb)
+        np.einsum("bo,ob->o", block_dots[:, :, 0], scales, out=out[0, r0:r0 + len(raw)])
     return out
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import ArgumentParser, entry, run
+from .cli import ArgumentParser, add_fault_options, entry, run, use_fault_options
 from .errors import DllmError
 from .pipeline import HEADER_BYTES
 from .profile import Device, Link, Profile, as_profile, check_layers_fit, layer_caps, stage_bytes
@@ -436,6 +436,8 @@ def build_parser(is_root=True):
     k.add_argument("--prompt-len", type=int, default=8, help="prompt tokens (8)")
     k.add_argument("--warmup", type=int, default=1, help="untimed steps first (1)")
     k.add_argument("--out", default=None, help="append the comparison as a JSON line")
+    for collective in (c, k):   # ranks wait while others are timed: --load-timeout holds
+        add_fault_options(collective)
     return p
 
 
@@ -456,6 +458,8 @@ def main(argv=None):
 
 def _main(comm, argv):
     args = build_parser(comm.is_root).parse_args(argv)
+    if args.command != "search":
+        use_fault_options(comm, args)
     if args.command == "calibrate":
         return calibrate_main(comm, args)
     if args.command == "check":

@@ -19,8 +19,8 @@ before those matmuls; it produces a full-width partial sum that the ranks then a
 
 Every split is a contiguous range of rows, so a rank reads its slice of a matrix with one
 contiguous HDF5 hyperslab. Splits of dim and hidden follow 32-value blocks so that each rank's
-Q80 payload is whole blocks whenever the sizes allow; a remainder goes to the last ranks
-(uneven splits are exchanged with Allgatherv). More ranks than kv heads work: ranks whose
+Q80 payload is whole blocks whenever the sizes allow; when the blocks (or heads) do not
+divide evenly the first ranks get one more (uneven splits are exchanged with Allgatherv). More ranks than kv heads work: ranks whose
 query heads share a kv head each compute their own copy of that head's keys and values
 (as vLLM does), which costs memory and compute but no communication.
 """
