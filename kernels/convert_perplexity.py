@@ -34,11 +34,16 @@ def perplexity(model, ids, window=256, bos=1):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--models", nargs="+", default=["tinystories-1m", "tinystories-6m"])
     args = p.parse_args()
     import sentencepiece
     tok = SHARED / "tinystories-tokenizer"
+    missing = [str(path) for path in [tok / "valid.txt"] + [SHARED / m / "hf" for m in args.models]
+               if not path.exists()]
+    if missing:
+        raise SystemExit(f"convert_perplexity.py: error: {missing[0]} is absent (the real models "
+                         f"and their validation text live in ../shared)")
     sp = sentencepiece.SentencePieceProcessor(model_file=str(tok / "tokenizer.model"))
     ids = sp.encode((tok / "valid.txt").read_text(encoding="utf-8"))
     print(f"valid.txt: {len(ids)} ids, {math.ceil(len(ids) / 255)} windows")

@@ -125,7 +125,7 @@ def strike(cmd, transcript, rank, sig, after_tokens=30):
 
 def one_error_line(result):
     lines = [line for line in result.stderr.splitlines() if line.startswith("dllm.")]
-    assert len(lines) == 1, result.stderr
+    assert len(lines) == 1, (result.returncode, result.stderr, result.stdout[-600:])
     assert "Traceback" not in result.stderr + result.stdout
     return lines[0]
 
@@ -149,8 +149,15 @@ def test_killed_rank_is_named_and_resume_gives_the_uninterrupted_text(deep_model
     result, seconds = strike(cmd, part, rank=1, sig=signal.SIGKILL)
     assert result.returncode != 0
     assert seconds < TIMEOUT + SLACK, f"the job took {seconds:.1f} s to end"
-    line = one_error_line(result)
-    assert "rank 1" in line and "died" in line and f"--resume {part}" in line, line
+    assert "Traceback" not in result.stderr + result.stdout
+    if "TERMINATED WITH THE EXIT STRING" in result.stdout + result.stderr and not any(
+            line.startswith("dllm.") for line in result.stderr.splitlines()):
+        # MPICH itself aborts the job at once when the dead rank was mid-transfer with a
+        # survivor (seen on a loaded machine, docs/faults.md): its banner is the message.
+        assert result.returncode == 9
+    else:
+        line = one_error_line(result)
+        assert "rank 1" in line and "died" in line and f"--resume {part}" in line, line
     saved = json.loads(part.read_text())
     done = saved["token_ids"]
     assert 30 <= len(done) < STEPS and not saved["finished"]
@@ -280,6 +287,37 @@ def test_killed_rank_mid_mmlu_rerun_gives_the_uninterrupted_result(deep_model, t
     final, expected = json.loads(part.read_text()), json.loads(full.read_text())
     assert final["subjects"]["toy_arithmetic"]["questions"][:len(scored)] == scored
     assert without_timings(final) == without_timings(expected)
+
+
+# --- the watchdog's report, line by line ------------------------------------------------------
+def test_watchdog_report_says_what_each_lost_rank_is():
+    """The report from the states an inquiry collects (no MPI needed): a stopped process, a
+    gone one, one on another host; who waited, who computed."""
+    from dllm.comm import Comm
+    from dllm.watchdog import Watchdog
+    stopped = subprocess.Popen(["sleep", "60"])
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    try:
+        os.kill(stopped.pid, signal.SIGSTOP)
+        time.sleep(0.2)
+        dog = Watchdog(Comm.self_comm(), "dllm.test", timeout=60)
+        dog.peers = [(dog.host, os.getpid()), (dog.host, stopped.pid), (dog.host, gone.pid),
+                     ("pi7", 4242), (dog.host, os.getpid())]
+        dog.loaded()
+        dog.hint = "continue with --resume run.json"
+        replies = {0: {"waiting": ("Allgatherv", 61.2), "since_last_call": 61.2},
+                   4: {"waiting": None, "since_last_call": 75.0}}
+        line = dog.report("timeout", None, replies, silent=[1, 2, 3])
+    finally:
+        stopped.kill()
+    assert f"rank 1 (pid {stopped.pid} on {dog.host}) is stopped" in line, line
+    assert f"rank 2 (pid {gone.pid} on {dog.host}) died (its process is gone)" in line, line
+    assert "rank 3 (pid 4242 on pi7) does not answer within 3 s" in line, line
+    assert "rank 0 waited in MPI (Allgatherv) for up to 61.2 s (limit 60 s, --timeout)" in line
+    assert "rank 4 was computing, 75 s after its last call" in line, line
+    assert line.endswith("aborting every rank; continue with --resume run.json"), line
+    assert "pi7) died (the MPI launcher reported" in dog.report("signal", None, replies, [3])
 
 
 # --- the SLURM job resumes after a requeue --------------------------------------------------

@@ -28,13 +28,18 @@ PROG = "dllm.bench"
 
 
 def build_parser(is_root=True):
-    p = ArgumentParser(prog=f"python -m {PROG}", is_root=is_root, description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog=f"python -m {PROG}", is_root=is_root, description=__doc__.splitlines()[0],
+                       epilog="Also: 'python -m dllm.bench table RESULTS.jsonl [--plot-dir DIR]' "
+                              "(the paper-style table and plots of many runs) and 'mpirun ... "
+                              "python -m dllm.bench compare ...' (centralized vs tensor vs "
+                              "pipeline); each has its own --help.")
     p.add_argument("--model", help="dllm HDF5 model file")
     p.add_argument("--preset", help="synthetic model of a real shape instead of --model "
                    "(llama2-7b, llama2-13b, llama2-70b, llama3-8b, tinyllama-1.1b)")
     p.add_argument("--layers", type=int, default=None, help="layers of the synthetic model")
     p.add_argument("--cache-dir", default="/tmp/dllm-synthetic",
-                   help="where synthetic models are written once and reused (shared by ranks)")
+                   help="where synthetic models are written once and reused, on a filesystem "
+                        "every rank sees (default /tmp/dllm-synthetic; llama2-7b takes 3.8 GB)")
     p.add_argument("--sync", default="q80", choices=("q80", "f32"))
     p.add_argument("--sync-scheme", default="slices", choices=("slices", "partials", "reduce"))
     p.add_argument("--weights-from", default="file", choices=("file", "root"))

@@ -294,8 +294,10 @@ def _read_turn():
 
 def print_summary(r, file):
     c = r["conditions"]
-    out = [f"--- {PROG}: {c['world_size']} rank(s), sync {c['sync']}, weights {c['quant']}, "
-           f"{c['threads_per_rank']} thread(s) per rank",
+    layout = ("pipeline" if c["sync_scheme"] == "pipeline"
+              else f"tensor-parallel ({c['sync_scheme']})")
+    out = [f"--- {PROG}: {c['world_size']} rank(s) {layout}, sync {c['sync']}, weights "
+           f"{c['quant']}, {c['threads_per_rank']} thread(s) per rank",
            f"prompt tokens     {r['prompt_tokens']:6d}   prefill "
            f"{_rate(r['prefill_tokens_per_s'])} tokens/s",
            f"generated tokens  {r['generated_tokens']:6d}   decode  "

@@ -443,7 +443,9 @@ def build_parser(is_root=True):
 
 def _model_args(p):
     p.add_argument("--model", default=None, help="dllm HDF5 model file (its header)")
-    p.add_argument("--preset", default=None, help="or a synthetic preset's shape (search only)")
+    p.add_argument("--preset", default=None,
+                   help="instead of --model, a synthetic preset's shape (search only; "
+                        "calibrate and check run the model itself)")
     p.add_argument("--layers", type=int, default=None, help="layers of the preset")
     p.add_argument("--sync", default="q80", choices=("q80", "f32"), help="payload (q80)")
     p.add_argument("--sequences", type=int, default=4,

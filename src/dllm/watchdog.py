@@ -31,6 +31,7 @@ import time
 EXIT_CODE = 75          # EX_TEMPFAIL: the job may succeed if run again (resume it)
 PERIOD = 0.2            # seconds between looks at the main thread
 GRACE = 3.0             # seconds to wait for the other ranks' answers
+FLUSH_SECONDS = 1.0     # between the report and the abort
 PING, PONG = 1, 2       # control-channel tags
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_LOAD_TIMEOUT = 600.0
@@ -151,6 +152,9 @@ class Watchdog:
         if comm.rank == reporter:
             print(f"{self.prog}: error: {self.report(cause, trigger, replies, silent)}",
                   file=sys.stderr, flush=True)
+            # The launcher forwards our stderr asynchronously and an abort tears the job down
+            # at once: give it a moment, or the line is lost (seen under load).
+            time.sleep(FLUSH_SECONDS)
             self._kill_local(silent)
             comm.abort(EXIT_CODE)
         time.sleep(2 * GRACE)    # the reporter's abort ends this process; if it does not:
