@@ -58,11 +58,12 @@ def model_dir(tmp_path_factory):
     return Path(WORLD.bcast(path))
 
 
-def make_model(model_dir, name, quant, seed=0):
-    """Write CONFIGS[name] with random weights (root only, once); every rank gets the path."""
-    path = model_dir / f"{name}-{quant}-{seed}.h5"
+def make_model(model_dir, name, quant, seed=0, configs=CONFIGS, tag=""):
+    """Write configs[name] with random weights (root only, once); every rank gets the path.
+    tag tells the files of other config tables apart."""
+    path = model_dir / f"{name}{tag}-{quant}-{seed}.h5"
     if WORLD.is_root and not path.exists():
-        write_model(path, CONFIGS[name], random_weights(CONFIGS[name], seed).items(), quant=quant)
+        write_model(path, configs[name], random_weights(configs[name], seed).items(), quant=quant)
     WORLD.barrier()
     return path
 

@@ -308,7 +308,7 @@ def test_watchdog_report_says_what_each_lost_rank_is():
         dog.hint = "continue with --resume run.json"
         replies = {0: {"waiting": ("Allgatherv", 61.2), "since_last_call": 61.2},
                    4: {"waiting": None, "since_last_call": 75.0}}
-        line = dog.report("timeout", None, replies, silent=[1, 2, 3])
+        line = dog.report("timeout", replies, silent=[1, 2, 3])
     finally:
         stopped.kill()
     assert f"rank 1 (pid {stopped.pid} on {dog.host}) is stopped" in line, line
@@ -317,7 +317,7 @@ def test_watchdog_report_says_what_each_lost_rank_is():
     assert "rank 0 waited in MPI (Allgatherv) for up to 61.2 s (limit 60 s, --timeout)" in line
     assert "rank 4 was computing, 75 s after its last call" in line, line
     assert line.endswith("aborting every rank; continue with --resume run.json"), line
-    assert "pi7) died (the MPI launcher reported" in dog.report("signal", None, replies, [3])
+    assert "pi7) died (the MPI launcher reported" in dog.report("signal", replies, [3])
 
 
 # --- the SLURM job resumes after a requeue --------------------------------------------------

@@ -18,6 +18,7 @@ from dllm.profile import stage_bytes
 from dllm.sampler import Sampler
 from dllm.stats import conditions
 
+import conftest
 from conftest import CONFIGS, WORLD, all_ranks, random_weights
 from reference import reference_logits, relative_error
 
@@ -28,11 +29,7 @@ PIPE = {name: dataclasses.replace(c, n_layers=4) for name, c in CONFIGS.items()}
 
 def make_model(model_dir, name, quant, seed=0):
     """PIPE[name] with random weights (root writes it once); every rank gets the path."""
-    path = model_dir / f"{name}-4l-{quant}-{seed}.h5"
-    if WORLD.is_root and not path.exists():
-        write_model(path, PIPE[name], random_weights(PIPE[name], seed).items(), quant=quant)
-    WORLD.barrier()
-    return path
+    return conftest.make_model(model_dir, name, quant, seed, configs=PIPE, tag="-4l")
 
 
 def load_pipeline(path, **options):

@@ -145,7 +145,7 @@ def new_transcript(args, model, prompt_ids):
     """Root: the record of a new run (written at its first token)."""
     return {"kind": TRANSCRIPT_KIND, "version": TRANSCRIPT_VERSION,
             "model": str(Path(model.path).resolve()), "config": model.config.to_dict(),
-            "quant": _quant(model), "prompt_ids": list(prompt_ids),
+            "quant": model.quant, "prompt_ids": list(prompt_ids),
             "settings": {name: getattr(args, name) for name in RESUMED},
             "token_ids": [], "text": None, "sampler_state": None, "finished": False}
 
@@ -194,16 +194,12 @@ def apply_transcript(args, transcript, parser):
 
 
 def check_transcript_model(transcript, model):
-    if model.config.to_dict() != transcript["config"] or _quant(model) != transcript["quant"]:
+    if model.config.to_dict() != transcript["config"] or model.quant != transcript["quant"]:
         raise DllmError(f"{model.path} is not the model the transcript was made with "
                         f"({transcript['model']}): its configuration or weights type differ")
     if any(not 0 <= t < model.config.vocab_size
            for t in transcript["prompt_ids"] + transcript["token_ids"]):
         raise DllmError("the transcript holds token ids outside the model's vocabulary")
-
-
-def _quant(model):
-    return model.quant
 
 
 def check_writable(path):

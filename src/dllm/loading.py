@@ -125,6 +125,15 @@ def check_host_memory(comm, need, context):
                             f"--max-seq-len, spread the model over more hosts, or free memory")
 
 
+def read_weights(comm, path, weights_from, entries_of):
+    """Collective: this rank's arrays {key: array}, entries_of(rank) listing every rank's
+    (key, dataset, rows, cols): each rank reads its own ("file"), or root reads and sends
+    them ("root")."""
+    if weights_from == "file":
+        return comm.agree(_read_local, path, entries_of(comm.rank), comm.is_root)
+    return _weights_from_root(comm, path, entries_of)
+
+
 def _weights_from_root(comm, path, entries_of):
     """Root reads every rank's arrays (entries_of(rank): see local_tensors) and sends them;
     returns this rank's weights."""
@@ -195,10 +204,7 @@ def load(path, comm=None, sync="q80", max_seq_len=None, weights_from="file",
     check_host_memory(comm, shard_bytes(config, quant, shards[comm.rank], comm.is_root, context),
                       context)
     tok = comm.root_only(_load_tokenizer, path, tokenizer, config)
-    entries_of = lambda rank: local_tensors(config, shards[rank], rank == 0)  # noqa: E731
-    if weights_from == "file":
-        weights = comm.agree(_read_local, path, entries_of(comm.rank), comm.is_root)
-    else:
-        weights = _weights_from_root(comm, path, entries_of)
+    weights = read_weights(comm, path, weights_from,
+                           lambda rank: local_tensors(config, shards[rank], rank == 0))
     return Model(comm, config, shards, weights, sync=sync, max_seq_len=max_seq_len,
                  prefill_chunk=prefill_chunk, tokenizer=tok, path=str(path))

@@ -174,16 +174,7 @@ class Model:
     def _bcast_ids(self, token_ids):
         ids = self.comm.bcast(None if token_ids is None or not self.comm.is_root
                               else [int(t) for t in token_ids])
-        if not ids:
-            raise DllmError("no tokens given")
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise DllmError(f"token id {bad[0]} is outside the vocabulary of "
-                            f"{self.config.vocab_size}")
-        if len(ids) > self.max_seq_len:
-            raise DllmError(f"prompt of {len(ids)} tokens does not fit the context of "
-                            f"{self.max_seq_len} tokens (see --max-seq-len)")
-        return ids
+        return check_prompt(ids, self.config.vocab_size, self.max_seq_len)
 
     def _prefill(self, ids, logits):
         """Forward ids from position 0 in chunks of prefill_chunk (matrix-matrix kernels)."""
@@ -208,6 +199,20 @@ class Model:
         is full; stops after EOS when stop_at_eos. Collective: every rank iterates it."""
         return generate_tokens(self, self._bcast_ids(prompt_ids), [], steps, sampler,
                                stop_at_eos)
+
+
+def check_prompt(ids, vocab_size, max_seq_len):
+    """Raise DllmError unless ids (a list of ints, the same on every rank) is a non-empty
+    prompt of this vocabulary that fits the context; returns ids."""
+    if not ids:
+        raise DllmError("no tokens given")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise DllmError(f"token id {bad[0]} is outside the vocabulary of {vocab_size}")
+    if len(ids) > max_seq_len:
+        raise DllmError(f"prompt of {len(ids)} tokens does not fit the context of "
+                        f"{max_seq_len} tokens (see --max-seq-len)")
+    return ids
 
 
 def generate_tokens(model, prompt_ids, done, steps, sampler, stop_at_eos=True):

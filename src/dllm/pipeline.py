@@ -38,7 +38,7 @@ import numpy as np
 
 from .errors import DllmError
 from .kernels import attention, matmul, rmsnorm, rope, rope_tables, swiglu
-from .model import LAYER_MATRICES, ForwardRecord
+from .model import LAYER_MATRICES, ForwardRecord, check_prompt
 from .quant import dequantize_q40
 from .shard import block_split
 from .sync import SliceExchange
@@ -325,16 +325,10 @@ class PipelineModel:
         comm = self.comm
         prompts = comm.bcast([[int(t) for t in p] for p in prompts]
                              if comm.is_root and prompts is not None else None)
-        if not prompts or not all(prompts):
+        if not prompts:
             raise DllmError("no tokens given")
         for ids in prompts:
-            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise DllmError(f"token id {bad[0]} is outside the vocabulary of "
-                                f"{self.config.vocab_size}")
-            if len(ids) > self.max_seq_len:
-                raise DllmError(f"prompt of {len(ids)} tokens does not fit the context of "
-                                f"{self.max_seq_len} tokens (see --max-seq-len)")
+            check_prompt(ids, self.config.vocab_size, self.max_seq_len)
         return prompts
 
     def _chunks(self, ids):
@@ -430,12 +424,9 @@ def load_pipeline(comm, path, config, quant, stages, sync="q80", max_seq_len=Non
     """Collective: read this rank's layers (whole matrices) and build the PipelineModel.
     Called by dllm.loading.load with the checked header and the stage of every rank
     (dllm.profile.Stages, which also carries the profile they follow)."""
-    from .loading import _read_local, _weights_from_root
-    entries_of = lambda rank: stage_tensors(config, stages[rank], rank == 0)  # noqa: E731
-    if weights_from == "file":
-        weights = comm.agree(_read_local, path, entries_of(comm.rank), comm.is_root)
-    else:
-        weights = _weights_from_root(comm, path, entries_of)
+    from .loading import read_weights
+    weights = read_weights(comm, path, weights_from,
+                           lambda rank: stage_tensors(config, stages[rank], rank == 0))
     return PipelineModel(comm, config, stages, weights, sync=sync, max_seq_len=max_seq_len,
                          prefill_chunk=prefill_chunk, tokenizer=tokenizer, path=str(path),
                          quant=quant, profile=getattr(stages, "profile", None))

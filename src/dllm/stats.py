@@ -57,8 +57,7 @@ def conditions(comm, model, **extra):
     hosts = comm.gather(socket.gethostname())
     return {"world_size": comm.size, "hosts": sorted(set(hosts)) if hosts else None,
             "threads_per_rank": _threads.THREADS, "model": model.path,
-            "quant": getattr(model, "quant", None) or (
-                "q40" if model.weights["layers/0/wq"].dtype == np.uint8 else "f32"),
+            "quant": model.quant,
             "sync": model.sync, "sync_scheme": model.scheme, "max_seq_len": model.max_seq_len,
             "prefill_chunk": model.prefill_chunk, "layout": layout(comm, model),
             "python": platform.python_version(), "git_revision": git_revision(), **extra}

@@ -85,6 +85,8 @@ class Watchdog:
             signal.signal(signal.SIGUSR1, handler)
             signal.set_wakeup_fd(fd)
             self._previous = None
+        self._wake_read.close()
+        self._wake_write.close()
 
     @property
     def limit(self):
@@ -132,7 +134,6 @@ class Watchdog:
         abort the job. Returns only when nothing is wrong."""
         comm = self.comm
         self.inquiring = True
-        trigger = comm.activity.waiting
         mine = self._state()
         replies = {comm.rank: mine}
         for rank in range(comm.size):
@@ -150,7 +151,7 @@ class Watchdog:
             return
         reporter = min(r for r, s in replies.items() if s["inquiring"])
         if comm.rank == reporter:
-            print(f"{self.prog}: error: {self.report(cause, trigger, replies, silent)}",
+            print(f"{self.prog}: error: {self.report(cause, replies, silent)}",
                   file=sys.stderr, flush=True)
             # The launcher forwards our stderr asynchronously and an abort tears the job down
             # at once: give it a moment, or the line is lost (seen under load).
@@ -160,7 +161,7 @@ class Watchdog:
         time.sleep(2 * GRACE)    # the reporter's abort ends this process; if it does not:
         comm.abort(EXIT_CODE)
 
-    def report(self, cause, trigger, replies, silent):
+    def report(self, cause, replies, silent):
         """The one line that says what happened (see module docstring)."""
         parts = []
         for rank in silent:

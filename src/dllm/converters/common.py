@@ -46,6 +46,19 @@ def _type_name(dtype):
     return np.dtype(dtype).name.upper().replace("FLOAT", "F")
 
 
+def expand_names(table, config, classifier):
+    """{source name: dllm name} of every tensor the config implies, from a format's table
+    whose per-layer entries hold "{i}"; the classifier's entry is dropped when the
+    embedding is tied."""
+    names = {src: ours for src, ours in table.items() if "{i}" not in src}
+    if config.tie_embeddings:
+        names.pop(classifier)
+    for i in range(config.n_layers):
+        names.update({src.format(i=i): ours.format(i=i) for src, ours in table.items()
+                      if "{i}" in src})
+    return names
+
+
 def permute_rows(tensor, order):
     """The tensor with row i taken from source row order[i] (the HF -> interleaved RoPE
     permutation stays inside a head, so a block of rows reads a narrow band of source rows)."""

@@ -20,7 +20,7 @@ from ..errors import DllmError
 from ..kernels import rope_frequencies
 from ..modelfile import StoredTensor
 from ..tokenizer import CONTROL, USER_DEFINED, detect_chat_template, sentencepiece_model
-from .common import Checkpoint, LazyTensor
+from .common import Checkpoint, LazyTensor, expand_names
 
 GGUF_MAGIC = b"GGUF"
 
@@ -160,13 +160,7 @@ def gguf_rope_scaling(meta, tensors, head_dim, theta, path):
 
 def gguf_names(config):
     """{GGUF name: dllm name} of every tensor the config implies."""
-    names = {g: ours for g, ours in GGUF_NAMES.items() if "{i}" not in g}
-    if config.tie_embeddings:
-        names.pop("output.weight")
-    for i in range(config.n_layers):
-        names.update({g.format(i=i): ours.format(i=i) for g, ours in GGUF_NAMES.items()
-                      if "{i}" in g})
-    return names
+    return expand_names(GGUF_NAMES, config, "output.weight")
 
 
 def gguf_tensors(tensors, config, quant):

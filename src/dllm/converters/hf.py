@@ -20,7 +20,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import DllmError
 from ..tokenizer import Tokenizer, detect_chat_template
-from .common import Checkpoint, LazyTensor, permute_rows
+from .common import Checkpoint, LazyTensor, expand_names, permute_rows
 
 # Hugging Face Llama tensor names -> dllm names ({i} is the layer).
 HF_NAMES = {
@@ -220,13 +220,7 @@ class SafetensorsFolder:
 
 def hf_names(config):
     """{HF name: dllm name} of every tensor the config implies."""
-    names = {hf: ours for hf, ours in HF_NAMES.items() if "{i}" not in hf}
-    if config.tie_embeddings:
-        names.pop("lm_head.weight")
-    for i in range(config.n_layers):
-        names.update({hf.format(i=i): ours.format(i=i) for hf, ours in HF_NAMES.items()
-                      if "{i}" in hf})
-    return names
+    return expand_names(HF_NAMES, config, "lm_head.weight")
 
 
 def hf_tensors(files, config):
