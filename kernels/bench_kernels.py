@@ -5,14 +5,17 @@
 Measured in the same run, on one thread (as one rank runs):
 - memory bandwidth, STREAM-like (copy and triad over arrays far larger than the caches);
 - BLAS float32 gemv / gemm rates of the same shapes (the f32 baseline the targets name);
-- dllm's kernels: Q40 matrix-vector (decode) at full shapes and per-rank slices (1/2, 1/4,
-  1/8 of the rows), Q40 matrix-matrix (prefill) at T = 16..256, Q80 quantize, rmsnorm,
-  attention.
+- dllm's kernels, both backends (numpy, and fast: numba, when installed): Q40 matrix-vector
+  (decode; fast = Q4_0 x Q8_0 integer dots, the input's quantization included) at full shapes
+  and per-rank slices (1/2, 1/4, 1/8 of the rows), Q40 matrix-matrix (prefill) at T = 16..256
+  (fast = dequantized tiles times BLAS; beside it the integer alternative, T decode calls),
+  Q80 quantize, rmsnorm, attention.
 Reported: ms per call, ns per weight, GB/s of weight bytes streamed (Q40: 18 bytes per 32
 weights), the fraction of the memory-bandwidth roofline (the time the weight bytes alone
 would take at the measured triad bandwidth), and for Q40 the bytes per weight held: the
 matrix alone, and at the peak of a call with the kernel's scratch counted (numpy allocations
-traced with tracemalloc). The end prints the performance targets of issue 4, met or not.
+traced with tracemalloc). The end prints the performance targets of issues 4 and 11, met or
+not.
 
 A kernel and the baseline it is compared with are timed in turns (a, b, a, b, ...) and each
 figure is the fastest of the samples: on a machine shared with other work, the load then
@@ -36,10 +39,18 @@ import numpy as np  # noqa: E402
 from dllm import kernels  # noqa: E402
 from dllm.quant import quantize_q40, quantize_q80  # noqa: E402
 
+try:
+    from dllm import kernels_fast  # noqa: E402
+except ImportError:             # numba not installed: the numpy backend alone
+    kernels_fast = None
+
 SHAPES = {"wq/wo 4096x4096": (4096, 4096), "w1/w3 11008x4096": (11008, 4096),
           "w2 4096x11008": (4096, 11008)}
 # Issue 4, item 4 (the targets of the kernels; the whole-model ones are dllm.bench's).
 GEMV_MAX_RATIO, MAX_BYTES_PER_WEIGHT, PREFILL_T, PREFILL_MIN_FRACTION = 4.0, 0.6, 128, 0.5
+# Issue 11: the fast backend's decode matvec at most 0.6x the f32 BLAS gemv time.
+FAST_GEMV_MAX_RATIO = 0.6
+INTEGER_PREFILL_T = (16,)       # T of the integer prefill alternative (T decode calls) timed
 
 
 def timed_in_turns(fns, repeats, min_seconds=0.2):
@@ -131,7 +142,8 @@ def main():
     rows = []
     print(f"\n{'kernel':34s} {'ms':>9} {'ns/weight':>10} {'GB/s':>7} {'roofline':>9} "
           f"{'vs f32 BLAS':>11} {'B/weight':>8} {'peak B/w':>8}"
-          + ("  baseline ms" if baseline else ""))
+          + ("  baseline ms" if baseline else "")
+          + ("  | fast ms  ns/weight roofline vs BLAS peak B/w" if kernels_fast else ""))
     for label, (out_dim, in_dim) in SHAPES.items():
         # float32 throughout: a numpy float64 scalar would promote w (and the BLAS baseline)
         # to float64, twice the bytes of the f32 gemv the targets name.
@@ -146,6 +158,9 @@ def main():
             fns = {"blas": lambda: x @ wr.T, "q40": lambda: kernels.matmul_q40(x, qr)}
             if baseline:
                 fns["baseline"] = lambda: baseline(x, qr)
+            if kernels_fast:
+                packed = kernels_fast.pack_q40(qr)
+                fns["fast"] = lambda: kernels_fast.matmul(kernels_fast.quantize_input(x), packed)
             t = timed_in_turns(fns, repeats)
             q40, blas = t["q40"], t["blas"]
             q40_bytes = n_weights * 18 / 32
@@ -161,15 +176,31 @@ def main():
             row = rows[-1]
             if baseline:
                 row["baseline_ms"] = t["baseline"] * 1e3
+            if kernels_fast:
+                fast = t["fast"]
+                row.update(fast_ms=fast * 1e3, fast_ns_per_weight=fast / n_weights * 1e9,
+                           fast_roofline=q40_bytes / roof / fast,
+                           fast_ratio_to_f32_blas=fast / blas,
+                           fast_peak_bytes_per_weight=(packed.nbytes + peak_scratch(fns["fast"]))
+                           / n_weights)
             print(f"{name:34s} {row['ms']:9.3f} {row['ns_per_weight']:10.3f} {row['GBps']:7.2f} "
                   f"{row['roofline']:9.1%} {row['ratio_to_f32_blas']:10.2f}x "
                   f"{row['bytes_per_weight']:8.4f} {row['peak_bytes_per_weight']:8.4f}"
-                  + (f"  {row['baseline_ms']:11.3f}" if baseline else ""))
+                  + (f"  {row['baseline_ms']:11.3f}" if baseline else "")
+                  + (f"  | {row['fast_ms']:7.3f} {row['fast_ns_per_weight']:9.3f} "
+                     f"{row['fast_roofline']:8.1%} {row['fast_ratio_to_f32_blas']:6.2f}x "
+                     f"{row['fast_peak_bytes_per_weight']:8.4f}" if kernels_fast else ""))
         for T in ((16, 64, 128, 256) if not args.quick else (16, 128)):
             X = rng.standard_normal((T, in_dim), dtype=np.float32)
             fns = {"blas": lambda: X @ w.T, "q40": lambda: kernels.matmul_q40(X, w_q40)}
             if baseline:
                 fns["baseline"] = lambda: baseline(X, w_q40)
+            if kernels_fast:
+                packed = kernels_fast.pack_q40(w_q40)
+                fns["fast"] = lambda: kernels_fast.matmul(X, packed)
+                if T in INTEGER_PREFILL_T:
+                    fns["integer"] = lambda: [kernels_fast.matmul(
+                        kernels_fast.quantize_input(X[t:t + 1]), packed) for t in range(T)]
             t = timed_in_turns(fns, repeats)
             q40, blas = t["q40"], t["blas"]
             flops = 2 * T * out_dim * in_dim
@@ -180,10 +211,18 @@ def main():
             row = rows[-1]
             if baseline:
                 row["baseline_ms"] = t["baseline"] * 1e3
+            if kernels_fast:
+                row.update(fast_ms=t["fast"] * 1e3, fast_GFLOPs=flops / t["fast"] / 1e9,
+                           fast_fraction_of_f32_blas_rate=blas / t["fast"])
+                if "integer" in t:
+                    row["integer_ms"] = t["integer"] * 1e3
             print(f"{'Q40 gemm ' + label + f' T={T}':34s} {row['ms']:9.3f} {'':>10} "
                   f"{row['GFLOPs']:6.1f}GF {'':>9} {row['fraction_of_f32_blas_rate']:10.1%} of BLAS"
                   f" ({row['f32_blas_GFLOPs']:.1f} GF)"
-                  + (f"  {row['baseline_ms']:11.3f}" if baseline else ""))
+                  + (f"  {row['baseline_ms']:11.3f}" if baseline else "")
+                  + (f"  | fast {row['fast_ms']:8.2f} ms {row['fast_fraction_of_f32_blas_rate']:6.1%}"
+                     f" of BLAS" if kernels_fast else "")
+                  + (f", integer {row['integer_ms']:8.2f} ms" if "integer_ms" in row else ""))
 
     for width in (4096, 11008):
         v = rng.standard_normal((1, width), dtype=np.float32)
@@ -215,7 +254,7 @@ def main():
 
 def targets(rows):
     """Issue 4's kernel targets at the three full shapes: print and return them, met or not."""
-    print("\ntargets (issue 4, item 4)")
+    print("\ntargets (issue 4, item 4; issue 11)")
     found = []
     for row in rows:
         full = tuple(row.get("shape", ())) in SHAPES.values()
@@ -228,6 +267,15 @@ def targets(rows):
                           f"{MAX_BYTES_PER_WEIGHT} bytes/weight (scratch counted)",
                           "measured": row["peak_bytes_per_weight"],
                           "met": row["peak_bytes_per_weight"] <= MAX_BYTES_PER_WEIGHT})
+        if row["kernel"] == "q40_gemv" and full and "fast_ms" in row:
+            found.append({"target": f"fast gemv {row['shape'][0]}x{row['shape'][1]} <= "
+                          f"{FAST_GEMV_MAX_RATIO:g}x f32 BLAS gemv",
+                          "measured": row["fast_ratio_to_f32_blas"],
+                          "met": row["fast_ratio_to_f32_blas"] <= FAST_GEMV_MAX_RATIO})
+            found.append({"target": f"fast gemv {row['shape'][0]}x{row['shape'][1]} holds <= "
+                          f"{MAX_BYTES_PER_WEIGHT} bytes/weight (scratch counted)",
+                          "measured": row["fast_peak_bytes_per_weight"],
+                          "met": row["fast_peak_bytes_per_weight"] <= MAX_BYTES_PER_WEIGHT})
         if row["kernel"] == "q40_gemm" and row["T"] == PREFILL_T:
             found.append({"target": f"Q40 gemm {row['shape'][0]}x{row['shape'][1]} T={PREFILL_T} "
                           f">= {PREFILL_MIN_FRACTION:.0%} of the f32 BLAS gemm rate",

@@ -1,15 +1,55 @@
-"""The one place where BLAS and numexpr threads are set: one thread per MPI rank.
+"""The one place where a rank's compute threads are set (BLAS, numexpr, numba).
 
-Tensor parallelism already puts one rank on each core; a multi-threaded BLAS inside every
-rank would oversubscribe the cores and make timings meaningless. This module must be imported
-before numpy (``dllm/__init__.py`` does so first). ``DLLM_THREADS`` overrides the count, for
-a single rank that should use several cores.
+One thread per rank by default: tensor parallelism already puts one rank on each core, and a
+multi-threaded BLAS inside every rank would oversubscribe the cores and make timings
+meaningless. One rank per machine with several threads (``--threads N``, ``DLLM_THREADS``,
+``dllm.load(threads=N)``) is the other way to use a machine's cores, as Distributed Llama's
+--nthreads: fewer ranks share each Allgather.
+
+This module must be imported before numpy (``dllm/__init__.py`` does so first): the pools are
+pinned through the environment before they start, then resized by ``use``.
 """
 import os
 
-THREADS = int(os.environ.get("DLLM_THREADS", "1") or 1)
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-             "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
-             "NUMEXPR_MAX_THREADS"):
-    os.environ[_var] = str(THREADS)
+from .errors import DllmError
 
+MAX_THREADS = 256
+
+
+def _parse(value, what):
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise DllmError(f"{what} must be a whole number of threads, got {value!r}") from None
+    if not 1 <= n <= MAX_THREADS:
+        raise DllmError(f"{what} must be between 1 and {MAX_THREADS}, got {n}")
+    return n
+
+
+try:
+    THREADS = _parse(os.environ.get("DLLM_THREADS") or 1, "DLLM_THREADS")
+except DllmError:
+    THREADS = 1     # reported by the first use() (load checks it again), never at import
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+             "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
+    os.environ[_var] = str(THREADS)
+os.environ.setdefault("NUMEXPR_MAX_THREADS", str(max(THREADS, os.cpu_count() or 1)))
+
+
+def from_env():
+    """DLLM_THREADS, checked (1 when unset)."""
+    return _parse(os.environ.get("DLLM_THREADS") or 1, "DLLM_THREADS")
+
+
+def use(n=None):
+    """Give this rank n compute threads (None: DLLM_THREADS or 1): BLAS (threadpoolctl),
+    numexpr and, when loaded, numba's parallel kernels. Returns n."""
+    global THREADS
+    n = from_env() if n is None else _parse(n, "--threads")
+    if n != THREADS:
+        import numexpr
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(n, user_api="blas")
+        numexpr.set_num_threads(n)
+    THREADS = n
+    return n

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import (ArgumentParser, add_fault_options, entry, model_loaded, run,
-                  use_fault_options)
+from .cli import (ArgumentParser, add_fault_options, add_kernel_options, entry, model_loaded,
+                  run, use_fault_options)
 from .errors import DllmError
 from .stats import StepTimer, conditions, spread, summarize
 
@@ -54,6 +54,7 @@ def build_parser(is_root=True):
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     p.add_argument("--out", help="append the run's JSON line to this file")
+    add_kernel_options(p)
     add_fault_options(p)
     return p
 
@@ -78,7 +79,8 @@ def _main(comm, argv):
     path = args.model or comm.from_root(synthetic_model, args.preset, args.layers, args.cache_dir)
     model = load(path, comm, sync=args.sync, sync_scheme=args.sync_scheme,
                  weights_from=args.weights_from, prefill_chunk=args.prefill_chunk,
-                 max_seq_len=args.max_seq_len, parallel=args.parallel, profile=args.profile)
+                 max_seq_len=args.max_seq_len, parallel=args.parallel, profile=args.profile,
+                 kernels=args.kernels, threads=args.threads)
     model_loaded(comm)
     need = args.prompt_len + args.warmup + args.decode_tokens
     if need > model.max_seq_len:
@@ -272,6 +274,7 @@ def compare_parser(is_root=True):
     p.add_argument("--warmup", type=int, default=1, help="untimed decode steps first (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--out", help="append the comparison's JSON line to this file")
+    add_kernel_options(p)
     # The other ranks wait while root runs the model alone, so every wait is held to
     # --load-timeout here (raise it for a large model), never to --timeout.
     add_fault_options(p)
@@ -297,7 +300,8 @@ def compare_main(comm, argv):
                         "--warmup >= 0")
     path = args.model or comm.from_root(synthetic_model, args.preset, args.layers, args.cache_dir)
     steps = args.warmup + args.decode_tokens + 1
-    options = dict(max_seq_len=args.prompt_len + steps, prefill_chunk=max(args.prompt_len, 1))
+    options = dict(max_seq_len=args.prompt_len + steps, prefill_chunk=max(args.prompt_len, 1),
+                   kernels=args.kernels, threads=args.threads)
     records, reference = [], None
     for mode in modes:
         if mode == "centralized":   # root alone; the others sleep in a barrier

@@ -11,6 +11,7 @@ import argparse
 import sys
 import traceback
 
+from .backend import KERNELS
 from .errors import DllmError
 
 MPI_HELP = ("install an MPI library: pip install 'dllm[mpich]' (PyPI MPICH), or your system's "
@@ -58,6 +59,19 @@ def add_engine_options(p):
                         "tokenizer.model, llama2.c tokenizer.bin or tokenizer.json)")
     p.add_argument("--prefill-chunk", type=int, default=64,
                    help="prompt tokens per forward pass while prefilling (default 64)")
+    add_kernel_options(p)
+
+
+def add_kernel_options(p):
+    """--kernels and --threads (dllm.load's kernels= and threads=): every command that runs a
+    model has them, bench and plan too."""
+    p.add_argument("--kernels", default=None, choices=KERNELS,
+                   help="compute kernels: 'fast' (numba, pip install 'dllm[fast]') or "
+                        "'numpy' (the reference); default DLLM_KERNELS, else fast when "
+                        "numba is installed")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="compute threads per rank (default DLLM_THREADS, else 1): one rank "
+                        "per machine with N threads, as Distributed Llama's --nthreads")
 
 
 def load_model(comm, args):
@@ -67,7 +81,8 @@ def load_model(comm, args):
     return load(args.model or default_model(), comm, sync=args.sync,
                 max_seq_len=args.max_seq_len, weights_from=args.weights_from,
                 tokenizer=args.tokenizer, prefill_chunk=args.prefill_chunk,
-                sync_scheme=args.sync_scheme, parallel=args.parallel, profile=args.profile)
+                sync_scheme=args.sync_scheme, parallel=args.parallel, profile=args.profile,
+                kernels=args.kernels, threads=args.threads)
 
 
 def add_fault_options(parser):

@@ -440,8 +440,7 @@ def summarize(subjects):
 
 # --- MMLU run: resumable, question by question ---------------------------------------------------
 def model_quant(model):
-    return getattr(model, "quant", None) or (
-        "q40" if model.weights["layers/0/wq"].dtype == np.uint8 else "f32")
+    return model.quant
 
 
 def run_settings(model=None, *, path=None, quant=None, sync=None, sync_scheme=None,

@@ -107,6 +107,27 @@ def matmul_q40_ref(x, w_q40):
     return (np.asarray(x, np.float64) @ dequantize_q40(w_q40).astype(np.float64).T).astype(np.float32)
 
 
+def matmul_q40_q80_ref(x, w_q40):
+    """Reference twin of GGML's Q4_0 x Q8_0 arithmetic (ggml_vec_dot_q4_0_q8_0), which the
+    fast backend's decode kernel does: x (T, n) float32 is quantized to Q8_0 (bit-exact
+    quantize_row_q8_0), each block's dot product of the 4-bit codes minus 8 and the 8-bit
+    codes is an exact integer, scaled by both f16 scales; summed over blocks in float64.
+    Returns (T, rows) float32."""
+    from .quant import quantize_q80
+    rows, row_bytes = w_q40.shape
+    nb = row_bytes // Q40_BLOCK_BYTES
+    w_blocks = w_q40.reshape(rows, nb, Q40_BLOCK_BYTES)
+    w_codes = np.concatenate([w_blocks[..., 2:] & 15, w_blocks[..., 2:] >> 4],
+                             axis=-1).astype(np.int64) - 8                  # (rows, nb, 32)
+    w_scales = w_blocks[..., :2].copy().view("<f2")[..., 0].astype(np.float64)  # (rows, nb)
+    x_blocks = quantize_q80(np.asarray(x, np.float32)).reshape(len(x), nb, 34)
+    x_codes = x_blocks[..., 2:].view(np.int8).astype(np.int64)              # (T, nb, 32)
+    x_scales = x_blocks[..., :2].copy().view("<f2")[..., 0].astype(np.float64)  # (T, nb)
+    block_dots = np.einsum("rbj,tbj->trb", w_codes, x_codes)               # exact integers
+    return np.einsum("trb,rb,tb->tr", block_dots.astype(np.float64), w_scales,
+                     x_scales).astype(np.float32)
+
+
 def rmsnorm(x, weight, eps):
     """x (T, d) float32, weight (d,) -> x / sqrt(mean(x^2) + eps) * weight, per row."""
     mean_square = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)

@@ -11,9 +11,10 @@ import socket
 
 import numpy as np
 
+from .backend import make as make_kernels
 from .config import ModelConfig
 from .errors import DllmError
-from .model import LAYER_MATRICES, Model
+from .model import LAYER_MATRICES, Model, prepare_weight
 from .modelfile import ModelFile
 from .shard import plan
 from .sync import PAYLOADS
@@ -66,10 +67,11 @@ def _read_header(path):
         return mf.config.to_dict(), mf.quant
 
 
-def _read_local(path, entries, is_root):
+def _read_local(path, entries, is_root, prepare):
     try:
         with ModelFile(path) as mf:
-            return {key: mf.read(name, rows, cols) for key, name, rows, cols in entries}
+            return {key: prepare(key, mf.read(name, rows, cols))
+                    for key, name, rows, cols in entries}
     except DllmError as exc:
         if is_root:
             raise
@@ -125,16 +127,18 @@ def check_host_memory(comm, need, context):
                             f"--max-seq-len, spread the model over more hosts, or free memory")
 
 
-def read_weights(comm, path, weights_from, entries_of):
+def read_weights(comm, path, weights_from, entries_of, prepare=None):
     """Collective: this rank's arrays {key: array}, entries_of(rank) listing every rank's
     (key, dataset, rows, cols): each rank reads its own ("file"), or root reads and sends
-    them ("root")."""
+    them ("root"). prepare(key, array), if given, turns each array into what the rank keeps
+    as soon as it is read (kernels' layout), so that only one stored copy exists at a time."""
+    prepare = prepare or (lambda key, array: array)
     if weights_from == "file":
-        return comm.agree(_read_local, path, entries_of(comm.rank), comm.is_root)
-    return _weights_from_root(comm, path, entries_of)
+        return comm.agree(_read_local, path, entries_of(comm.rank), comm.is_root, prepare)
+    return _weights_from_root(comm, path, entries_of, prepare)
 
 
-def _weights_from_root(comm, path, entries_of):
+def _weights_from_root(comm, path, entries_of, prepare):
     """Root reads every rank's arrays (entries_of(rank): see local_tensors) and sends them;
     returns this rank's weights."""
     if comm.is_root:
@@ -145,17 +149,18 @@ def _weights_from_root(comm, path, entries_of):
                     array = mf.read(name, rows, cols)
                     comm.send_obj((array.shape, array.dtype.str), rank, tag=1)
                     comm.send_array(array, rank, tag=2)
-            return {key: mf.read(name, rows, cols) for key, name, rows, cols in entries_of(0)}
+            return {key: prepare(key, mf.read(name, rows, cols))
+                    for key, name, rows, cols in entries_of(0)}
     weights = {}
     for key, name, rows, cols in entries_of(comm.rank):
         shape, dtype = comm.recv_obj(source=0, tag=1)
-        weights[key] = comm.recv_array(shape, np.dtype(dtype), source=0, tag=2)
+        weights[key] = prepare(key, comm.recv_array(shape, np.dtype(dtype), source=0, tag=2))
     return weights
 
 
 def load(path, comm=None, sync="q80", max_seq_len=None, weights_from="file",
          tokenizer=None, prefill_chunk=64, sync_scheme="slices", parallel="tensor",
-         profile=None):
+         profile=None, kernels=None, threads=None):
     """Load a dllm HDF5 model over the ranks of `comm`; collective (every rank calls it).
 
     comm: None (COMM_WORLD), an mpi4py communicator or a dllm Comm. sync: activation payload,
@@ -167,6 +172,8 @@ def load(path, comm=None, sync="q80", max_seq_len=None, weights_from="file",
     dllm.model.Model) or "pipeline" (every rank whole layers, a dllm.pipeline.PipelineModel).
     profile: a device profile (path, dict or dllm.profile.Profile; docs/parallelism.md): layers
     by speed within memory for "pipeline", uneven slices by speed for "tensor".
+    kernels: "numpy" or "fast" (default: DLLM_KERNELS, else "fast" when numba is installed;
+    dllm.backend). threads: compute threads per rank (default: DLLM_THREADS, else 1).
     Raises DllmError on every rank for bad input.
     """
     from .comm import Comm
@@ -174,6 +181,7 @@ def load(path, comm=None, sync="q80", max_seq_len=None, weights_from="file",
                           use_profile)
     comm = Comm.wrap(comm)
     check_options(sync, weights_from, max_seq_len, prefill_chunk)
+    kernels = comm.agree(make_kernels, kernels, threads)
     if parallel not in PARALLEL:
         raise DllmError(f"--parallel must be one of {', '.join(PARALLEL)}, got {parallel!r}")
     if parallel == "pipeline" and sync_scheme != "slices":
@@ -195,7 +203,7 @@ def load(path, comm=None, sync="q80", max_seq_len=None, weights_from="file",
         tok = comm.root_only(_load_tokenizer, path, tokenizer, config)
         return load_pipeline(comm, path, config, quant, stages, sync=sync,
                              max_seq_len=max_seq_len, weights_from=weights_from, tokenizer=tok,
-                             prefill_chunk=prefill_chunk)
+                             prefill_chunk=prefill_chunk, kernels=kernels)
     shares = tensor_shares(config, quant, profile, context) if profile else None
     shards = plan(config, comm.size, sync_scheme, shares)  # raises on every rank if it cannot
     check_scheme(shards, quant)
@@ -205,6 +213,7 @@ def load(path, comm=None, sync="q80", max_seq_len=None, weights_from="file",
                       context)
     tok = comm.root_only(_load_tokenizer, path, tokenizer, config)
     weights = read_weights(comm, path, weights_from,
-                           lambda rank: local_tensors(config, shards[rank], rank == 0))
+                           lambda rank: local_tensors(config, shards[rank], rank == 0),
+                           lambda key, array: prepare_weight(kernels, key, array))
     return Model(comm, config, shards, weights, sync=sync, max_seq_len=max_seq_len,
-                 prefill_chunk=prefill_chunk, tokenizer=tok, path=str(path))
+                 prefill_chunk=prefill_chunk, tokenizer=tok, path=str(path), kernels=kernels)

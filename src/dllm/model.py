@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import DllmError
-from .kernels import attention, matmul, rmsnorm, rope, rope_tables, swiglu
+from .backend import make as make_kernels
+from .kernels import attention, rmsnorm, rope, rope_tables, swiglu
 from .quant import dequantize_q40
 from .shard import slice_sizes
 from .sync import SliceExchange
@@ -59,17 +60,20 @@ class Model:
 
     weights: this rank's stored arrays keyed by dataset name ("layers/3/wq", "norm", ...;
     "output" is this rank's classifier rows; "tok_embeddings" exists on root only). A uint8
-    array is Q4_0 bytes, a float32 one is f32.
+    array is Q4_0 bytes, a float32 one is f32; the matrices are handed to `kernels`
+    (dllm.backend) to hold in its own layout.
     """
 
     def __init__(self, comm, config, shards, weights, sync="q80", max_seq_len=None,
-                 prefill_chunk=64, tokenizer=None, path=None):
+                 prefill_chunk=64, tokenizer=None, path=None, kernels=None):
         shard = shards[comm.rank]
         self.comm, self.config, self.shard, self.scheme = comm, config, shard, shard.scheme
         self.sync, self.prefill_chunk, self.tokenizer, self.path = sync, prefill_chunk, tokenizer, path
         self.max_seq_len = max_seq_len or config.max_seq_len
-        self.weights = weights
-        self.quant = "q40" if weights["layers/0/wq"].dtype == np.uint8 else "f32"
+        wq = weights["layers/0/wq"]    # as stored, or as prepared while it was read
+        self.quant = getattr(wq, "quant", None) or ("q40" if wq.dtype == np.uint8 else "f32")
+        self.kernels = kernels or make_kernels()
+        self.weights = prepare_matrices(self.kernels, weights)
         self.layers = [{name: weights[f"layers/{i}/{name}"]
                         for name in LAYER_MATRICES + ("attention_norm", "ffn_norm")}
                        for i in range(config.n_layers)]
@@ -111,7 +115,7 @@ class Model:
         for layer, w in enumerate(self.layers):
             k_cache, v_cache = self.state.k_cache[layer], self.state.v_cache[layer]
             # attention block: this rank's query heads and the kv heads they read
-            xb = rmsnorm(x, w["attention_norm"], eps)
+            xb = self.kernels.quantize_input(rmsnorm(x, w["attention_norm"], eps))
             q = rope(self.mm(xb, w["wq"]).reshape(T, shard.n_heads, hd), cos, sin)
             k = rope(self.mm(xb, w["wk"]).reshape(T, shard.n_kv_heads, hd), cos, sin)
             v = self.mm(xb, w["wv"]).reshape(T, shard.n_kv_heads, hd)
@@ -120,26 +124,27 @@ class Model:
             att = attention(q, k_cache, v_cache, pos, self.head_kv)   # (T, local heads * hd)
             if self.scheme == "slices":
                 att = comm.allgather_slices(att, self.exchange_attention)  # Allgather -> (T, dim)
-                o = self.mm(att, w["wo"])                                  # (T, local dim rows)
+                o = self.mm(self.kernels.quantize_input(att), w["wo"])                                  # (T, local dim rows)
                 x = x + comm.allgather_slices(o, self.exchange_dim)        # Allgather; residual
             else:  # wo row-parallel: this rank's heads are its input columns
-                x = x + self.sum_partials(self.mm(att, w["wo"]))           # (T, dim); residual
+                x = x + self.sum_partials(self.mm(self.kernels.quantize_input(att), w["wo"]))           # (T, dim); residual
 
             # feed-forward block: this rank's hidden units
-            xb = rmsnorm(x, w["ffn_norm"], eps)
+            xb = self.kernels.quantize_input(rmsnorm(x, w["ffn_norm"], eps))
             h = swiglu(self.mm(xb, w["w1"]), self.mm(xb, w["w3"]))     # (T, local hidden)
             if self.scheme == "slices":
                 h = comm.allgather_slices(h, self.exchange_hidden)     # Allgather -> (T, hidden)
-                f = self.mm(h, w["w2"])                                # (T, local dim rows)
+                f = self.mm(self.kernels.quantize_input(h), w["w2"])   # (T, local dim rows)
                 x = x + comm.allgather_slices(f, self.exchange_dim)    # Allgather; residual
             else:  # w2 row-parallel: this rank's hidden units are its input columns
-                x = x + self.sum_partials(self.mm(h, w["w2"]))         # (T, dim); residual
+                x = x + self.sum_partials(self.mm(self.kernels.quantize_input(h), w["w2"]))
 
         self.state.residual = x
         result = None
         if logits is not None:
             final = rmsnorm(x if logits == "all" else x[-1:], self.weights["norm"], eps)
-            local_logits = self.mm(final, self.weights["output"])     # (rows, local vocab)
+            local_logits = self.mm(self.kernels.quantize_input(final),
+                                   self.weights["output"])              # (rows, local vocab)
             result = comm.gather_rows(local_logits, self.vocab_widths)  # Gather -> root
         spent = comm.stats.since(before)
         self.state.trace.append(ForwardRecord(T, pos, time.perf_counter() - started,
@@ -162,7 +167,9 @@ class Model:
         return comm.allgather_slices(mine.sum(axis=0), self.exchange_dim)     # (T, dim)
 
     def mm(self, x, w):
-        return matmul(x, w, "q40" if w.dtype == np.uint8 else "f32")
+        """x (T, n), as kernels.quantize_input made it, times a prepared matrix W (rows, n)
+        transposed -> (T, rows) float32."""
+        return self.kernels.matmul(x, w)
 
     def embed(self, tokens):
         """Root only: rows of the token embedding, (T, dim) float32."""
@@ -199,6 +206,23 @@ class Model:
         is full; stops after EOS when stop_at_eos. Collective: every rank iterates it."""
         return generate_tokens(self, self._bcast_ids(prompt_ids), [], steps, sampler,
                                stop_at_eos)
+
+
+def prepare_matrices(kernels, weights):
+    """weights with every matrix a matmul reads in the layout of `kernels` (a no-op for those
+    already prepared as they were read: see loading.read_weights)."""
+    for key in list(weights):
+        weights[key] = prepare_weight(kernels, key, weights[key])
+    return weights
+
+
+def prepare_weight(kernels, key, array):
+    """The layers' matrices and the classifier ("output") as `kernels` multiplies them; the
+    embedding table (read by rows) and the norms as stored."""
+    if isinstance(array, np.ndarray) and (key == "output" or
+                                          key.rsplit("/", 1)[-1] in LAYER_MATRICES):
+        return kernels.prepare(array)
+    return array
 
 
 def check_prompt(ids, vocab_size, max_seq_len):

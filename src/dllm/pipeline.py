@@ -36,9 +36,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .backend import make as make_kernels
 from .errors import DllmError
-from .kernels import attention, matmul, rmsnorm, rope, rope_tables, swiglu
-from .model import LAYER_MATRICES, ForwardRecord, check_prompt
+from .kernels import attention, rmsnorm, rope, rope_tables, swiglu
+from .model import LAYER_MATRICES, ForwardRecord, check_prompt, prepare_matrices, prepare_weight
 from .quant import dequantize_q40
 from .shard import block_split
 from .sync import SliceExchange
@@ -123,18 +124,20 @@ class PipelineModel:
     scheme = "pipeline"
 
     def __init__(self, comm, config, stages, weights, sync="q80", max_seq_len=None,
-                 prefill_chunk=64, tokenizer=None, path=None, quant=None, profile=None):
+                 prefill_chunk=64, tokenizer=None, path=None, quant=None, profile=None,
+                 kernels=None):
         self.comm, self.config, self.stages, self.sync = comm, config, list(stages), sync
         self.profile = profile
         self.prefill_chunk, self.tokenizer, self.path = prefill_chunk, tokenizer, path
         self.max_seq_len = max_seq_len or config.max_seq_len
-        self.weights, self.quant = weights, quant
+        self.quant, self.kernels = quant, kernels or make_kernels()
         self.layer_range = self.stages[comm.rank]
         self.layers = [{name: weights[f"layers/{i}/{name}"]
                         for name in LAYER_MATRICES + ("attention_norm", "ffn_norm")}
                        for i in range(*self.layer_range)]
         if comm.is_root and "output" not in weights:
             weights["output"] = weights["tok_embeddings"]   # tied: one array, read once
+        self.weights = prepare_matrices(self.kernels, weights)
         self.head_kv = np.arange(config.n_heads) // config.q_per_kv
         self.rope_cos, self.rope_sin = rope_tables(config.head_dim, self.max_seq_len,
                                                    config.rope_theta, **config.rope_scaling_args)
@@ -183,22 +186,23 @@ class PipelineModel:
         for i, w in enumerate(self.layers):
             k_cache, v_cache = self.state.k_cache[seq, i], self.state.v_cache[seq, i]
             # attention block: every head
-            xb = rmsnorm(x, w["attention_norm"], eps)
+            xb = self.kernels.quantize_input(rmsnorm(x, w["attention_norm"], eps))
             q = rope(self.mm(xb, w["wq"]).reshape(T, c.n_heads, hd), cos, sin)
             k = rope(self.mm(xb, w["wk"]).reshape(T, c.n_kv_heads, hd), cos, sin)
             v = self.mm(xb, w["wv"]).reshape(T, c.n_kv_heads, hd)
             k_cache[:, pos:pos + T] = k.transpose(1, 0, 2)
             v_cache[:, pos:pos + T] = v.transpose(1, 0, 2)
             att = attention(q, k_cache, v_cache, pos, self.head_kv)      # (T, dim)
-            x = x + self.mm(att, w["wo"])                                # residual
+            x = x + self.mm(self.kernels.quantize_input(att), w["wo"])   # residual
             # feed-forward block: every hidden unit
-            xb = rmsnorm(x, w["ffn_norm"], eps)
+            xb = self.kernels.quantize_input(rmsnorm(x, w["ffn_norm"], eps))
             h = swiglu(self.mm(xb, w["w1"]), self.mm(xb, w["w3"]))       # (T, hidden)
-            x = x + self.mm(h, w["w2"])                                  # residual
+            x = x + self.mm(self.kernels.quantize_input(h), w["w2"])     # residual
         return x
 
     def mm(self, x, w):
-        return matmul(x, w, "q40" if w.dtype == np.uint8 else "f32")
+        """As Model.mm: a quantize_input (T, n) times a prepared W (rows, n) transposed."""
+        return self.kernels.matmul(x, w)
 
     def embed(self, tokens):
         """Root only: rows of the token embedding, (T, dim) float32."""
@@ -207,8 +211,8 @@ class PipelineModel:
 
     def classify(self, x):
         """Root only: final norm and classifier of rows x (R, dim) -> (R, vocab) float32."""
-        return self.mm(rmsnorm(x, self.weights["norm"], self.config.norm_eps),
-                       self.weights["output"])
+        final = rmsnorm(x, self.weights["norm"], self.config.norm_eps)
+        return self.mm(self.kernels.quantize_input(final), self.weights["output"])
 
     # --- messages ----------------------------------------------------------------------------
     def _send(self, header, x=None):
@@ -420,13 +424,16 @@ def generate_many(model, prompts, steps, sampler, stop_at_eos=True):
 
 
 def load_pipeline(comm, path, config, quant, stages, sync="q80", max_seq_len=None,
-                  weights_from="file", tokenizer=None, prefill_chunk=64):
+                  weights_from="file", tokenizer=None, prefill_chunk=64, kernels=None):
     """Collective: read this rank's layers (whole matrices) and build the PipelineModel.
     Called by dllm.loading.load with the checked header and the stage of every rank
     (dllm.profile.Stages, which also carries the profile they follow)."""
     from .loading import read_weights
+    kernels = kernels or make_kernels()
     weights = read_weights(comm, path, weights_from,
-                           lambda rank: stage_tensors(config, stages[rank], rank == 0))
+                           lambda rank: stage_tensors(config, stages[rank], rank == 0),
+                           lambda key, array: prepare_weight(kernels, key, array))
     return PipelineModel(comm, config, stages, weights, sync=sync, max_seq_len=max_seq_len,
                          prefill_chunk=prefill_chunk, tokenizer=tokenizer, path=str(path),
-                         quant=quant, profile=getattr(stages, "profile", None))
+                         quant=quant, profile=getattr(stages, "profile", None),
+                         kernels=kernels)

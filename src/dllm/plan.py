@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import ArgumentParser, add_fault_options, entry, run, use_fault_options
+from .cli import (ArgumentParser, add_fault_options, add_kernel_options, entry, run,
+                  use_fault_options)
 from .errors import DllmError
 from .pipeline import HEADER_BYTES
 from .profile import Device, Link, Profile, as_profile, check_layers_fit, layer_caps, stage_bytes
@@ -437,6 +438,7 @@ def build_parser(is_root=True):
     k.add_argument("--warmup", type=int, default=1, help="untimed steps first (1)")
     k.add_argument("--out", default=None, help="append the comparison as a JSON line")
     for collective in (c, k):   # ranks wait while others are timed: --load-timeout holds
+        add_kernel_options(collective)
         add_fault_options(collective)
     return p
 
@@ -622,7 +624,8 @@ def calibrate_main(comm, args):
         raise DllmError("--context and --repeats must be positive")
     memory = parse_bytes(args.memory) if args.memory else available_memory(comm)
     model = load(args.model, comm, parallel="pipeline", sync=args.sync,
-                 max_seq_len=args.context + 1, prefill_chunk=args.context)
+                 max_seq_len=args.context + 1, prefill_chunk=args.context,
+                 kernels=args.kernels, threads=args.threads)
     if comm.size > model.config.n_layers:
         raise DllmError(f"every rank needs a layer to time: at most {model.config.n_layers} "
                         f"ranks for this model, the job has {comm.size}")
@@ -686,7 +689,8 @@ def check_main(comm, args):
         def measure(sub, plan=plan):
             model = load(args.model, sub, parallel="pipeline", sync=record["sync"],
                          profile=plan["profile"], max_seq_len=args.prompt_len + steps,
-                         prefill_chunk=args.prompt_len)
+                         prefill_chunk=args.prompt_len, kernels=args.kernels,
+                         threads=args.threads)
             rng = np.random.default_rng(0)
             prompts = rng.integers(3, model.config.vocab_size, (k, args.prompt_len)).tolist()
             one = timed_sequences(model, prompts[:1], steps, args.warmup)

@@ -56,7 +56,8 @@ def conditions(comm, model, **extra):
     """The run's conditions, gathered from every rank (collective)."""
     hosts = comm.gather(socket.gethostname())
     return {"world_size": comm.size, "hosts": sorted(set(hosts)) if hosts else None,
-            "threads_per_rank": _threads.THREADS, "model": model.path,
+            "threads_per_rank": _threads.THREADS, "kernels": model.kernels.name,
+            "model": model.path,
             "quant": model.quant,
             "sync": model.sync, "sync_scheme": model.scheme, "max_seq_len": model.max_seq_len,
             "prefill_chunk": model.prefill_chunk, "layout": layout(comm, model),

@@ -1,0 +1,99 @@
+"""Which compute kernels a model runs: the one place that chooses.
+
+- "numpy": dllm.kernels, numpy/numexpr. The reference, the fallback, and what runs where the
+  optional extra is absent; x (T, n) float32 times the Q4_0 matrix dequantized in tiles.
+- "fast": dllm.kernels_fast, compiled by numba (``pip install 'dllm[fast]'``). Q4_0 x Q8_0 in
+  integer arithmetic as GGML does it for decoding, dequantized tiles times BLAS for prefill,
+  weights repacked at load time for SIMD, rows split over --threads.
+
+The choice: the ``kernels`` argument of dllm.load (``--kernels`` on every CLI), else the
+DLLM_KERNELS environment variable, else "fast" when numba can be imported, else "numpy".
+The run's conditions record which ran (dllm.stats.conditions).
+"""
+import os
+
+import numpy as np
+
+from . import _threads, kernels
+from .errors import DllmError
+
+KERNELS = ("numpy", "fast")
+FAST_HELP = "pip install 'dllm[fast]' (numba)"
+
+
+def fast_available():
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose(name=None):
+    """The kernel backend's name: `name`, DLLM_KERNELS, or the best one importable."""
+    name = name or os.environ.get("DLLM_KERNELS") or None
+    if name is None:
+        return "fast" if fast_available() else "numpy"
+    if name not in KERNELS:
+        raise DllmError(f"--kernels must be one of {', '.join(KERNELS)}, got {name!r}")
+    if name == "fast" and not fast_available():
+        raise DllmError(f"--kernels fast needs numba, which is not installed: {FAST_HELP}")
+    return name
+
+
+class NumpyKernels:
+    """The reference backend: weights stay as stored, inputs stay float32."""
+    name = "numpy"
+
+    def __init__(self, threads=1):
+        self.threads = threads
+
+    def prepare(self, w):
+        """A stored weight as this backend multiplies it (Q4_0 bytes or float32: as is)."""
+        return w
+
+    def stored(self, w):
+        """The stored array (Q4_0 bytes or float32) a prepared weight was made from."""
+        return w
+
+    def quantize_input(self, x):
+        return x
+
+    def matmul(self, x, w):
+        """quantize_input(x) (T, n) times a prepared weight (rows, n), transposed."""
+        return kernels.matmul(x, w, "q40" if w.dtype == np.uint8 else "f32")
+
+
+class FastKernels:
+    """numba kernels: Q4_0 weights repacked (kernels_fast.Q40Packed), inputs as Q8_0 when
+    decoding, matrix rows split over `threads` threads."""
+    name = "fast"
+
+    def __init__(self, threads=1):
+        from . import kernels_fast
+        self.fast, self.threads = kernels_fast, threads
+        kernels_fast.set_threads(threads)
+        kernels_fast.warm_up(threads)
+
+    def prepare(self, w):
+        if w.dtype == np.uint8 and w.ndim == 2:
+            return self.fast.pack_q40(w)
+        return w
+
+    def stored(self, w):
+        return self.fast.unpack_q40(w) if isinstance(w, self.fast.Q40Packed) else w
+
+    def quantize_input(self, x):
+        """x (T, n) float32 -> Q8_0 once for every matmul of it when T = 1 (decode)."""
+        return self.fast.quantize_input(x)
+
+    def matmul(self, x, w):
+        return self.fast.matmul(x, w, self.threads)
+
+
+def make(name=None, threads=None):
+    """The kernels object of backend `name` (see choose) with `threads` compute threads for
+    this rank (None: DLLM_THREADS or 1; set process-wide by dllm._threads.use). Raises
+    DllmError for an unknown or unavailable backend or a bad thread count."""
+    threads = _threads.use(threads)
+    return FastKernels(threads) if choose(name) == "fast" else NumpyKernels(threads)

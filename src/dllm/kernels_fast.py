@@ -1,0 +1,299 @@
+"""Compiled kernels of the "fast" backend (numba; the optional extra ``dllm[fast]``).
+
+Q4_0 x Q8_0 as GGML's ``ggml_vec_dot_q4_0_q8_0`` does it: the matmul input is quantized to
+Q8_0 once per input vector (``quantize_input``), each block's integer dot product of the 4-bit
+weight codes and the 8-bit input codes is scaled by both blocks' f16 scales and summed in
+float32. ``kernels.matmul_q40_q80_ref`` is the slow reference twin of exactly this arithmetic.
+
+Weight layout for SIMD (``pack_q40``, done once at load; the file format is unchanged).
+GGML's row-major blocks make every block's dot product a horizontal sum across vector lanes.
+Repacked, the lanes are rows instead: GROUP_ROWS rows form a group, and within a group, for
+block b and code byte j, the GROUP_ROWS rows' bytes lie side by side:
+
+    codes  (groups, nb, 16, GROUP_ROWS) uint8    code byte j of block b of each row
+    scales (groups, nb, GROUP_ROWS)     uint16   the blocks' f16 scale bits
+
+so one vector op handles one byte position of many rows, each lane accumulates its own row,
+and no horizontal sums are needed: the same 18 bytes per 32 weights as the file (0.5625
+bytes per weight). Rows beyond the last whole group are packed in groups of TAIL_ROWS, the
+last one padded with at most TAIL_ROWS - 1 zero rows.
+
+The block dot product in int16 lanes: a code byte c holds lo + 16 hi (lo for element j, hi for
+element j+16), so with input codes qj, qj16 of the block
+
+    (lo - 8) qj + (hi - 8) qj16 = c qj + hi (qj16 - 16 qj) - 8 (qj + qj16)
+
+summed over j: the raw byte times qj, plus the high nibble times a precomputed difference,
+starting from -8 sum(q). Every term is computed modulo 2^16 (int16 lanes wrap) and the true
+sum, at most 32 * 8 * 127 = 32512 in magnitude, fits int16, so the wrapped result is exact.
+"""
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .quant import Q40_BLOCK_BYTES
+
+GROUP_ROWS = 128
+TAIL_ROWS = 8
+# Rows of f32 weights dequantized per BLAS call and thread when T > 1 (prefill): one tile's
+# float32 copy (PREFILL_TILE_ROWS x n x 4 bytes per thread, 2 MB at n = 4096) is scratch
+# reused for the call.
+PREFILL_TILE_ROWS = 128
+
+# f16 bits -> float32, the whole table (256 KB): numba has no float16 type.
+F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(
+    np.float32)
+
+
+class Q40Packed:
+    """A Q4_0 matrix of `rows` x `n` weights in the SIMD layout above (see pack_q40)."""
+    quant = "q40"
+
+    def __init__(self, rows, n, codes, scales, tail_codes, tail_scales):
+        self.rows, self.n = rows, n
+        self.codes, self.scales = codes, scales
+        self.tail_codes, self.tail_scales = tail_codes, tail_scales
+        self.main_rows = codes.shape[0] * GROUP_ROWS
+
+    @property
+    def nbytes(self):
+        return sum(a.nbytes for a in (self.codes, self.scales, self.tail_codes, self.tail_scales))
+
+    @property
+    def shape(self):
+        return (self.rows, self.n)
+
+
+def pack_q40(w_q40):
+    """Q4_0 bytes (rows, nb*18) uint8 -> Q40Packed; the input is not kept."""
+    rows, row_bytes = w_q40.shape
+    nb = row_bytes // Q40_BLOCK_BYTES
+    main = rows // GROUP_ROWS * GROUP_ROWS
+    codes, scales = _pack_groups(w_q40[:main], GROUP_ROWS)
+    # a copy, even when empty: a view would keep the whole stored matrix alive
+    tail = np.concatenate([w_q40[main:], np.zeros((-(rows - main) % TAIL_ROWS, row_bytes),
+                                                  np.uint8)])
+    tail_codes, tail_scales = _pack_groups(tail, TAIL_ROWS)
+    return Q40Packed(rows, nb * 32, codes, scales, tail_codes, tail_scales)
+
+
+def _pack_groups(w_q40, group):
+    rows, row_bytes = w_q40.shape
+    nb = row_bytes // Q40_BLOCK_BYTES
+    blocks = w_q40.reshape(rows // group, group, nb, Q40_BLOCK_BYTES)
+    codes = np.ascontiguousarray(blocks[..., 2:].transpose(0, 2, 3, 1))     # (G, nb, 16, R)
+    scale_bytes = np.ascontiguousarray(blocks[..., :2].transpose(0, 2, 1, 3))  # (G, nb, R, 2)
+    return codes, scale_bytes.view("<u2")[..., 0]
+
+
+def unpack_q40(packed):
+    """Q40Packed -> the Q4_0 bytes (rows, nb*18) it was made from (for tests and export)."""
+    parts = []
+    for codes, scales in ((packed.codes, packed.scales),
+                          (packed.tail_codes, packed.tail_scales)):
+        G, nb, _, R = codes.shape
+        blocks = np.empty((G, R, nb, Q40_BLOCK_BYTES), np.uint8)
+        blocks[..., 2:] = codes.transpose(0, 3, 1, 2)
+        blocks[..., :2] = scales.astype("<u2").transpose(0, 2, 1)[..., None].view(np.uint8)
+        parts.append(blocks.reshape(G * R, nb * Q40_BLOCK_BYTES))
+    return np.concatenate(parts)[:packed.rows]
+
+
+# --- the input: Q8_0 once per vector ------------------------------------------------------
+
+@njit(nogil=True, cache=True)
+def _q80_codes(x, codes, d32):
+    """quantize_row_q8_0 without the f16 rounding of d: x (nb*32,) float32 -> codes (nb, 32)
+    int8 (roundf of x / d) and d32 (nb,) float32 = amax / 127 (see quant.quantize_q80)."""
+    for b in range(codes.shape[0]):
+        amax = np.float32(0.0)
+        for j in range(32):
+            a = abs(x[b * 32 + j])
+            if a > amax:
+                amax = a
+        d = amax / np.float32(127.0)
+        inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+        d32[b] = d
+        for j in range(32):
+            v = x[b * 32 + j] * inv
+            t = np.float32(np.trunc(v))
+            if abs(v - t) >= np.float32(0.5):     # roundf: halves away from zero
+                t += np.float32(1.0) if v > 0 else np.float32(-1.0)
+            codes[b, j] = np.int8(t)
+
+
+@njit(nogil=True, cache=True)
+def _q80_lanes(codes, lo, diff, offset):
+    """The int16 operands of the block dot product (module docstring): lo = q_j,
+    diff = q_{j+16} - 16 q_j (j < 16) and offset = -8 sum(q) mod 2^16, per block."""
+    for b in range(codes.shape[0]):
+        total = 0
+        for j in range(16):
+            a, c = np.int32(codes[b, j]), np.int32(codes[b, j + 16])
+            lo[b, j] = np.int16(a)
+            diff[b, j] = np.int16(c - 16 * a)
+            total += a + c
+        offset[b] = np.int16(-8 * total)
+
+
+class Q80Input:
+    """A (1, n) matmul input as Q8_0, in the operands the decode kernel reads; x kept too."""
+
+    def __init__(self, x):
+        self.x = x
+        nb = x.shape[-1] // 32
+        codes, d32 = np.empty((nb, 32), np.int8), np.empty(nb, np.float32)
+        _q80_codes(np.ascontiguousarray(x, np.float32).reshape(-1), codes, d32)
+        self.codes = codes
+        # GGML stores d as f16 and multiplies by that: round once, vectorized
+        self.scale = d32.astype(np.float16).astype(np.float32)
+        self.lo, self.diff = np.empty((nb, 16), np.int16), np.empty((nb, 16), np.int16)
+        self.offset = np.empty(nb, np.int16)
+        _q80_lanes(codes, self.lo, self.diff, self.offset)
+
+
+def quantize_input(x):
+    """x (T, n) float32 -> what matmul takes: Q80Input when T = 1 (decode), x itself when
+    T > 1 (prefill multiplies f32 by dequantized tiles). Every matmul of one input vector
+    (wq, wk, wv; w1, w3) shares one quantization."""
+    return Q80Input(x) if x.shape[0] == 1 and x.shape[1] % 32 == 0 else x
+
+
+# --- decode: Q4_0 x Q8_0 matrix-vector ----------------------------------------------------
+
+@njit(nogil=True, cache=True)
+def _gemv_groups(codes, scales, g0, g1, lo, diff, offset, x_scale, out):
+    """out[(g - g0) * R + i] = row i of group g times the input, for groups g0..g1-1."""
+    nb, R = codes.shape[1], codes.shape[3]
+    block_sum = np.empty(R, np.int16)
+    acc = np.empty(R, np.float32)
+    for g in range(g0, g1):
+        acc[:] = 0
+        for b in range(nb):
+            start = offset[b]
+            for i in range(R):
+                block_sum[i] = start
+            for j in range(16):
+                q, dq = lo[b, j], diff[b, j]
+                for i in range(R):
+                    c = np.uint16(codes[g, b, j, i])
+                    block_sum[i] = np.int16(block_sum[i] + c * q + (c >> 4) * dq)
+            xd = x_scale[b]
+            for i in range(R):
+                acc[i] += np.float32(block_sum[i]) * (F16_TO_F32[scales[g, b, i]] * xd)
+        for i in range(R):
+            out[(g - g0) * R + i] = acc[i]
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _gemv_parallel(codes, scales, lo, diff, offset, x_scale, out, chunks):
+    """_gemv_groups over all groups, split into `chunks` contiguous runs of groups, one per
+    thread (numba's threading layer)."""
+    G, R = codes.shape[0], codes.shape[3]
+    for c in prange(chunks):
+        g0, g1 = c * G // chunks, (c + 1) * G // chunks
+        _gemv_groups(codes, scales, g0, g1, lo, diff, offset, x_scale, out[g0 * R:g1 * R])
+
+
+def gemv_q40_q80(xq, w, threads=1):
+    """Q80Input of x (1, n) times Q40Packed W (rows, n), transposed -> (1, rows) float32."""
+    if xq.lo.shape[0] * 32 != w.n:
+        raise ValueError(f"input width {xq.lo.shape[0] * 32} does not match a Q4_0 matrix "
+                         f"of {w.n} columns")
+    out = np.empty(w.main_rows + w.tail_codes.shape[0] * TAIL_ROWS, np.float32)
+    operands = (xq.lo, xq.diff, xq.offset, xq.scale)
+    groups = w.codes.shape[0]
+    if threads > 1 and groups >= threads:
+        _gemv_parallel(w.codes, w.scales, *operands, out[:w.main_rows], threads)
+    elif groups:
+        _gemv_groups(w.codes, w.scales, 0, groups, *operands, out[:w.main_rows])
+    if w.tail_codes.shape[0]:
+        _gemv_groups(w.tail_codes, w.tail_scales, 0, w.tail_codes.shape[0], *operands,
+                     out[w.main_rows:])
+    return out[None, :w.rows]
+
+
+# --- prefill: dequantized tiles times f32 inputs (BLAS) -----------------------------------
+
+@njit(nogil=True, cache=True)
+def _dequant_groups_t(codes, scales, g0, g1, out_t):
+    """Groups g0..g1-1 as float32, transposed: out_t (n, (g1 - g0) * R), column = row."""
+    nb, R = codes.shape[1], codes.shape[3]
+    d = np.empty(R, np.float32)
+    for g in range(g0, g1):
+        c0 = (g - g0) * R
+        for b in range(nb):
+            for i in range(R):
+                d[i] = F16_TO_F32[scales[g, b, i]]
+            for j in range(16):
+                # one contiguous row of the tile at a time: the loops over i vectorize
+                code_j = codes[g, b, j]
+                lo = out_t[b * 32 + j, c0:c0 + R]
+                for i in range(R):
+                    lo[i] = np.float32(np.int32(code_j[i] & 15) - 8) * d[i]
+                hi = out_t[b * 32 + j + 16, c0:c0 + R]
+                for i in range(R):
+                    hi[i] = np.float32(np.int32(code_j[i] >> 4) - 8) * d[i]
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _dequant_parallel(codes, scales, g0, g1, out_t, chunks):
+    R = codes.shape[3]
+    for c in prange(chunks):
+        a = g0 + c * (g1 - g0) // chunks
+        b = g0 + (c + 1) * (g1 - g0) // chunks
+        _dequant_groups_t(codes, scales, a, b, out_t[:, (a - g0) * R:(b - g0) * R])
+
+
+def gemm_q40(x, w, threads=1):
+    """x (T, n) float32 times Q40Packed W transposed -> (T, rows) float32: tiles of rows are
+    dequantized (exact in float32) into one scratch tile and multiplied by BLAS sgemm.
+
+    The tile is dequantized transposed, (n, tile rows), so that its rows are written
+    contiguously, and each product lands in a contiguous run of out_t (rows, T).
+    """
+    T, n = x.shape
+    if n != w.n:
+        raise ValueError(f"input width {n} does not match a Q4_0 matrix of {w.n} columns")
+    x_t = np.ascontiguousarray(x, np.float32).T                          # (n, T)
+    out_t = np.empty((w.main_rows + w.tail_codes.shape[0] * TAIL_ROWS, T), np.float32)
+    tile_rows = PREFILL_TILE_ROWS * threads      # a group of rows per thread and tile at least
+    scratch = np.empty(n * tile_rows, np.float32)
+    for codes, scales, R, base in ((w.codes, w.scales, GROUP_ROWS, 0),
+                                   (w.tail_codes, w.tail_scales, TAIL_ROWS, w.main_rows)):
+        groups, step = codes.shape[0], tile_rows // R
+        for g0 in range(0, groups, step):
+            g1 = min(g0 + step, groups)
+            tile_t = scratch[:n * (g1 - g0) * R].reshape(n, (g1 - g0) * R)
+            if threads > 1 and g1 - g0 >= threads:
+                _dequant_parallel(codes, scales, g0, g1, tile_t, threads)
+            else:
+                _dequant_groups_t(codes, scales, g0, g1, tile_t)
+            np.matmul(tile_t.T, x_t, out=out_t[base + g0 * R:base + g1 * R])
+    return np.ascontiguousarray(out_t[:w.rows].T)
+
+
+def matmul(x, w, threads=1):
+    """quantize_input(x) or x (T, n), times W (Q40Packed or float32 (rows, n)) transposed ->
+    (T, rows) float32."""
+    if isinstance(x, Q80Input):
+        if isinstance(w, Q40Packed):
+            return gemv_q40_q80(x, w, threads)
+        x = x.x
+    if isinstance(w, Q40Packed):
+        return gemm_q40(x, w, threads)
+    return x @ w.T
+
+
+def warm_up(threads=1):
+    """Call every kernel once on tiny inputs, so that numba's compilation (the first run on a
+    machine, a few seconds) or the loading of its cache (about 0.3 s) happens now, while a
+    model loads, rather than inside the first timed prefill or decode step."""
+    w = pack_q40(np.zeros((GROUP_ROWS * threads + TAIL_ROWS, Q40_BLOCK_BYTES), np.uint8))
+    for T in (1, 2):
+        matmul(quantize_input(np.ones((T, 32), np.float32)), w, threads)
+
+
+def set_threads(n):
+    """numba's thread count for the parallel kernels (at most the cores numba saw)."""
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))

@@ -1,0 +1,132 @@
+"""The fast (numba) backend's kernels against their reference twins in dllm.kernels."""
+import numpy as np
+import pytest
+
+from dllm import backend, kernels
+from dllm.errors import DllmError
+from dllm.quant import dequantize_q40, dequantize_q80, quantize_q40, quantize_q80
+
+kf = pytest.importorskip("dllm.kernels_fast", reason="numba is not installed (dllm[fast])")
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def q40_matrix(rows, n, seed=1, scale=1.0):
+    w = (scale * rng(seed).standard_normal((rows, n))).astype(np.float32)
+    w[0, :32] = 0                                            # an all-zero block
+    return quantize_q40(w)
+
+
+def bound(x, w_q40):
+    """Float64 sum of |terms| of each output: the scale of its float rounding error."""
+    xd = np.abs(dequantize_q80(quantize_q80(x))).astype(np.float64)
+    return xd @ np.abs(dequantize_q40(w_q40)).astype(np.float64).T
+
+
+@pytest.mark.parametrize("rows", [1, 7, 8, 127, 128, 129, 300])
+def test_pack_round_trip(rows):
+    w_q40 = q40_matrix(rows, 96)
+    packed = kf.pack_q40(w_q40)
+    assert packed.shape == (rows, 96)
+    assert packed.nbytes <= w_q40.nbytes + (kf.TAIL_ROWS - 1) * w_q40.shape[1]
+    np.testing.assert_array_equal(kf.unpack_q40(packed), w_q40)
+
+
+def test_input_quantization_is_bit_exact():
+    x = rng(3).standard_normal((1, 160)).astype(np.float32)
+    x[0, 32:64] = 0                                          # an all-zero block
+    x[0, 64:96] = np.arange(32) - 15.5                       # codes exactly at halves
+    xq = kf.quantize_input(x)
+    expected = quantize_q80(x).reshape(5, 34)
+    np.testing.assert_array_equal(xq.codes.view(np.uint8), expected[:, 2:])
+    np.testing.assert_array_equal(xq.scale, expected[:, :2].copy().view("<f2")[:, 0])
+    lo, hi = xq.codes[:, :16].astype(np.int32), xq.codes[:, 16:].astype(np.int32)
+    np.testing.assert_array_equal(xq.lo, lo)
+    np.testing.assert_array_equal(xq.diff, hi - 16 * lo)
+    np.testing.assert_array_equal(xq.offset, (-8 * (lo.sum(1) + hi.sum(1))).astype(np.int16))
+
+
+@pytest.mark.parametrize("rows,n", [(1, 32), (7, 96), (130, 160), (300, 288), (256, 4128)])
+@pytest.mark.parametrize("w_scale,x_scale", [(1.0, 1.0), (4e4, 1.0), (1e-6, 3e4), (1.0, 1e-6)])
+def test_gemv_matches_integer_reference(rows, n, w_scale, x_scale):
+    """Odd block counts, tails of groups, zero blocks, f16 scales near the top of their range
+    (weights up to 8 x 4e4 / 8) and down to subnormals (x of 1e-6: its Q8_0 scale rounds to
+    an f16 subnormal or to zero, as in GGML)."""
+    w_q40 = q40_matrix(rows, n, scale=w_scale)
+    x = (x_scale * rng(2).standard_normal((1, n))).astype(np.float32)
+    x[0, -32:] = 0                                           # a zero input block
+    fast = kf.matmul(kf.quantize_input(x), kf.pack_q40(w_q40))
+    slow = kernels.matmul_q40_q80_ref(x, w_q40)
+    assert fast.shape == (1, rows) and fast.dtype == np.float32
+    np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-6 * bound(x, w_q40).max() + 1e-30)
+
+
+def test_gemv_of_exact_integers_is_exact():
+    """All codes at +-127 and scales of 1: every block sum is the worst case of the int16
+    lanes (|sum| up to 32 * 8 * 127) and the result is exact."""
+    n, rows = 64, 9
+    blocks = np.zeros((rows, n // 32, 18), np.uint8)
+    blocks[..., :2] = np.array([1.0], "<f2").view(np.uint8)    # scale 1
+    blocks[..., 2:] = 0x00                                   # every code 0: value -8
+    blocks[1, :, 2:] = 0xFF                                  # every code 15: value +7
+    w_q40 = blocks.reshape(rows, -1)
+    x = np.full((1, n), 127.0, np.float32)
+    x[0, ::2] = -127.0
+    x[0, :32] = 127.0
+    fast = kf.matmul(kf.quantize_input(x), kf.pack_q40(w_q40))
+    np.testing.assert_array_equal(fast, kernels.matmul_q40_q80_ref(x, w_q40))
+    assert fast[0, 0] == -8 * 127 * 32
+
+
+@pytest.mark.parametrize("T", [2, 5])
+@pytest.mark.parametrize("rows,n", [(7, 32), (300, 224), (129, 96)])
+def test_gemm_matches_float_reference(T, rows, n):
+    w_q40 = q40_matrix(rows, n)
+    x = rng(2).standard_normal((T, n)).astype(np.float32)
+    fast = kf.matmul(kf.quantize_input(x), kf.pack_q40(w_q40))
+    slow = kernels.matmul_q40_ref(x, w_q40)
+    assert fast.shape == (T, rows) and fast.dtype == np.float32
+    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5 * np.abs(slow).max())
+
+
+@pytest.mark.parametrize("T", [1, 4])
+def test_threads_split_rows_without_changing_a_bit(T):
+    w = kf.pack_q40(q40_matrix(1000, 96))
+    x = kf.quantize_input(rng(2).standard_normal((T, 96)).astype(np.float32))
+    one = kf.matmul(x, w, threads=1)
+    kf.set_threads(2)
+    try:
+        np.testing.assert_array_equal(kf.matmul(x, w, threads=2), one)
+    finally:
+        kf.set_threads(1)
+
+
+def test_f32_weights_keep_blas():
+    w = rng().standard_normal((5, 64)).astype(np.float32)
+    x = rng(1).standard_normal((1, 64)).astype(np.float32)
+    fast = backend.make("fast", 1)
+    np.testing.assert_allclose(fast.matmul(fast.quantize_input(x), fast.prepare(w)), x @ w.T,
+                               rtol=1e-6)
+
+
+def test_mismatched_width_is_refused():
+    w = kf.pack_q40(q40_matrix(4, 64))
+    for x in (np.zeros((1, 96), np.float32), np.zeros((3, 96), np.float32)):
+        with pytest.raises(ValueError, match="input width"):
+            kf.matmul(kf.quantize_input(x), w)
+
+
+def test_backend_choice(monkeypatch):
+    monkeypatch.delenv("DLLM_KERNELS", raising=False)
+    assert backend.choose() == "fast"
+    monkeypatch.setenv("DLLM_KERNELS", "numpy")
+    assert backend.choose() == "numpy" and backend.choose("fast") == "fast"
+    with pytest.raises(DllmError, match="--kernels must be one of"):
+        backend.choose("cuda")
+    monkeypatch.setattr(backend, "fast_available", lambda: False)
+    monkeypatch.delenv("DLLM_KERNELS")
+    assert backend.choose() == "numpy"
+    with pytest.raises(DllmError, match=r"pip install 'dllm\[fast\]'"):
+        backend.choose("fast")
