@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from dllm import backend
 from dllm.generate import default_model
 
 from test_cli import mpirun_command, TIMEOUT
@@ -18,12 +19,13 @@ def run_bench(n, *args):
 @pytest.mark.parametrize("scheme", ["slices", "reduce"])
 def test_bench_writes_one_json_line_per_run(tmp_path, scheme):
     out = tmp_path / "runs.jsonl"
-    for n in (1, 2):
+    for n, kernels in ((1, "numpy"), (2, backend.choose())):
         result = run_bench(n, "--model", default_model(), "--prompt-len", 8, "--decode-tokens",
-                           4, "--sync-scheme", scheme, "--out", out)
+                           4, "--sync-scheme", scheme, "--out", out, "--kernels", kernels)
         assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["conditions"]["world_size"] for r in records] == [1, 2]
+    assert [r["conditions"]["kernels"] for r in records] == ["numpy", backend.choose()]
     one, two = records
     assert one["bytes_per_token"]["received"] == 0 < two["bytes_per_token"]["received"]
     for r in records:

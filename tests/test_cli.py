@@ -1,5 +1,6 @@
 """python -m dllm.generate end to end under mpirun, and every bad input: one clear error line
 on root, non-zero exit, no traceback, no hang. Serial suite (it launches mpirun itself)."""
+import importlib.util
 import json
 import os
 import shutil
@@ -73,6 +74,23 @@ def test_f32_sync_same_text_on_one_and_two_ranks():
     assert one.stdout == two.stdout and len(one.stdout) > len("Lily and Ben")
 
 
+def test_threads_and_kernels_give_the_same_text_and_are_recorded(tmp_path):
+    """Threads split each matmul's rows (every row computed as with one thread); both
+    backends run the demo model to the same greedy text."""
+    runs = {}
+    for kernels, threads in (("numpy", 1), ("fast", 1), ("fast", 2)):
+        if kernels == "fast" and importlib.util.find_spec("numba") is None:
+            continue
+        stats = tmp_path / f"{kernels}-{threads}.json"
+        result = run_generate(1, "--prompt", "Once upon a time", "--steps", 16, "--quiet",
+                              "--kernels", kernels, "--threads", threads, "--stats-json", stats)
+        assert result.returncode == 0, result.stderr
+        conditions = json.loads(stats.read_text())["conditions"]
+        assert (conditions["kernels"], conditions["threads_per_rank"]) == (kernels, threads)
+        runs[kernels, threads] = result.stdout
+    assert len(set(runs.values())) == 1 and len(runs[("numpy", 1)]) > len("Once upon a time")
+
+
 def test_weights_from_root_cli():
     args = ("--prompt", "Once", "--steps", 10, "--quiet")
     assert run_generate(2, *args, "--weights-from", "root").stdout == \
@@ -119,6 +137,8 @@ def test_prompt_longer_than_context():
     (("--steps", "0"), "--steps"),
     (("--sync", "f16"), "--sync"),
     (("--max-seq-len", "100000"), "exceeds the model's context"),
+    (("--threads", "0"), "--threads must be between 1"),
+    (("--kernels", "cuda"), "--kernels"),
 ])
 def test_invalid_arguments(flags, fragment):
     assert_one_clear_error(run_generate(2, *flags), fragment)
