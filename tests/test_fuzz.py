@@ -446,6 +446,9 @@ CASES = {
     "mpi: --weights-from root, root refuses the model": G(
         "--model", "{nan_model}", "--weights-from", "root", "--steps", "2", mpi=True,
         fragment="NaN or infinite"),
+    "mpi: a pipeline with --weights-from root, root refuses the model": G(
+        "--model", "{nan_model}", "--parallel", "pipeline", "--weights-from", "root",
+        "--steps", "2", mpi=True, fragment="NaN or infinite"),
     "mpi: a rank refuses its own slices": G("--model", "{nan_model}", "--steps", "2",
                                             mpi=True, fragment="rank 1: "),
     "mpi: --timeout nan": G("--timeout", "nan", mpi=True, fragment="invalid finite number"),

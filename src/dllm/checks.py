@@ -27,7 +27,6 @@ RANGES = {
     "layers": (1, 10 ** 4), "prompt_len": (1, None), "decode_tokens": (1, None),
     "warmup": (0, None), "population": (1, 10 ** 5), "generations": (1, 10 ** 5),
     "sequences": (1, 4096), "context": (1, None), "repeats": (1, 10 ** 5),
-    "threads": (1, 4096),
 }
 # --top-p is a probability mass: 0 would keep no token at all.
 OPEN_BELOW = {"top_p": (0, 1)}
@@ -51,10 +50,7 @@ def flag(dest):
 def finite_float(text):
     """argparse type of every float flag: a finite number (nan and inf are refused, never
     taken for "no limit")."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(text) from None
+    value = float(text)
     if not math.isfinite(value):
         raise ValueError(text)
     return value
