@@ -158,7 +158,7 @@ def test_model_path_is_a_directory(tmp_path):
 
 def test_stats_json_in_missing_directory_fails_before_the_run(tmp_path):
     target = tmp_path / "missing" / "stats.json"
-    assert_one_clear_error(run_generate(2, "--stats-json", target), "not a writable directory")
+    assert_one_clear_error(run_generate(2, "--stats-json", target), "does not exist")
     assert not target.parent.exists()
 
 

@@ -499,6 +499,31 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
         convert(tmp_path / "m.bin", tmp_path / "m.h5", "q8")
 
 
+@pytest.mark.parametrize("when", ["before the rename", "after the rename"])
+def test_interrupt_message_says_what_is_on_disk(when, tmp_path, monkeypatch, capsys):
+    """The rename is atomic: an interrupt leaves the old output or the new one, and says
+    which (the issue: "nothing written" though the new file had replaced the old)."""
+    import dllm.atomic
+    write_llama2c(tmp_path / "m.bin", random_weights(TINY, 2), TINY)
+    out = tmp_path / "m.h5"
+    out.write_text("the old output")
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(dllm.atomic, "_fsync" if when == "before the rename" else
+                        "_fsync_folder", interrupt)
+    assert main([str(tmp_path / "m.bin"), "-o", str(out), "--quiet"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "m.h5"]
+    if when == "before the rename":
+        assert out.read_text() == "the old output"
+        assert err[-1] == f"dllm.convert: interrupted; {out} unchanged"
+    else:
+        assert h5py.is_hdf5(out)
+        assert err[-1] == f"dllm.convert: interrupted; {out} was written completely before " \
+                          f"the interrupt"
+
+
 def test_sigterm_mid_conversion_removes_the_temporary_file(tmp_path):
     """A 7B-shaped synthetic model (2 layers, 0.37 GB) is still being written when the
     temporary file appears; SIGTERM must remove it, print one line and exit 143."""

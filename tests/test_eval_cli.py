@@ -179,7 +179,7 @@ def test_pipeline_perplexity_equals_tensor_and_a_finished_out_is_not_recomputed(
     (2, ["mmlu", "--data", "/nonexistent/mmlu"], ["MMLU data folder not found"]),
     (2, ["mmlu", "--data", "{toy}", "--subjects", "toy_colors"],
      ["unknown subject 'toy_colors'", "did you mean toy_colours"]),
-    (2, ["mmlu", "--data", "{toy}", "--shots", "-1"], ["--shots must be 0 or more"]),
+    (2, ["mmlu", "--data", "{toy}", "--shots", "-1"], ["--shots must be at least 0"]),
     (1, ["mmlu", "--data", "{toy}", "--shots", "6"], ["--shots 6 needs 6 dev questions"]),
     (1, ["mmlu", "--data", "{toy}", "--shots", "five"], ["--shots", "invalid int"]),
     (1, ["mmlu", "--data", "{toy}", "--limit", "0"], ["--limit must be at least 1"]),

@@ -369,7 +369,7 @@ def test_generate_job_requeues_itself_and_resumes(deep_model, tmp_path):
 # --- --resume's own bad input ---------------------------------------------------------------
 def test_resume_bad_input(deep_model, tmp_path):
     assert_one_clear_error(run(generate_cmd(2, "--resume", tmp_path / "none.json")),
-                           "no such file")
+                           "not found")
     damaged = tmp_path / "damaged.json"
     damaged.write_text('{"kind": "dllm-transcript", "version": 1, "settings": {}}')
     assert_one_clear_error(run(generate_cmd(2, "--resume", damaged)), "damaged")

@@ -231,7 +231,7 @@ def test_search_cli_writes_plans(tmp_path):
 @pytest.mark.parametrize("args,fragment", [
     (("search", "--profile", "/nonexistent.json", "--preset", "llama2-7b"), "profile not found"),
     (("search", "--profile", EXAMPLE, "--preset", "llama2-70b"), "80 layers do not fit"),
-    (("check", "/nonexistent.json", "--model", "x.h5"), "cannot read plans"),
+    (("check", "/nonexistent.json", "--model", "x.h5"), "plans file not found"),
 ])
 def test_cli_errors_are_one_line(args, fragment):
     result = run_plan(*args)

@@ -79,7 +79,7 @@ def test_missing_or_broken_profile_file(tmp_path):
     with pytest.raises(DllmError, match="not found"):
         read_profile(tmp_path / "none.json")
     (tmp_path / "bad.json").write_text("{devices")
-    with pytest.raises(DllmError, match="not JSON"):
+    with pytest.raises(DllmError, match="not valid JSON"):
         read_profile(tmp_path / "bad.json")
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import append_line, reason, replacing
+from .checks import check_paths, parse_json, read_file
 from .cli import (ArgumentParser, add_fault_options, add_kernel_options, entry, model_loaded,
                   run, use_fault_options)
 from .errors import DllmError
@@ -71,11 +73,10 @@ def _main(comm, argv):
         return compare_main(comm, argv[1:])
     from .loading import load
     args = build_parser(comm.is_root).parse_args(argv)
+    comm.from_root(check_paths, args)
     use_fault_options(comm, args)
     if (args.model is None) == (args.preset is None):
         raise DllmError("give exactly one of --model and --preset")
-    if min(args.prompt_len, args.decode_tokens) < 1 or args.warmup < 0:
-        raise DllmError("--prompt-len and --decode-tokens must be positive, --warmup >= 0")
     path = args.model or comm.from_root(synthetic_model, args.preset, args.layers, args.cache_dir)
     model = load(path, comm, sync=args.sync, sync_scheme=args.sync_scheme,
                  weights_from=args.weights_from, prefill_chunk=args.prefill_chunk,
@@ -92,8 +93,7 @@ def _main(comm, argv):
         print(json.dumps(record), flush=True)
         print_row(record, file=sys.stderr)
         if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(args.out, json.dumps(record))
     return 0
 
 
@@ -101,7 +101,10 @@ def synthetic_model(preset, layers, cache_dir):
     """Root: path of the synthetic model of `preset`, written once into cache_dir."""
     from .convert import convert_synthetic
     cache = Path(cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DllmError(f"--cache-dir {cache_dir}: {reason(exc)}") from None
     path = cache / f"{preset}{f'-{layers}l' if layers else ''}-q40.h5"
     if not path.exists():
         convert_synthetic(preset, path, layers=layers, log=lambda message: None)
@@ -186,15 +189,10 @@ def table_main(comm, argv):
         return 0
     records = []
     for name in args.results:
-        if not Path(name).is_file():
-            raise DllmError(f"results file not found: {name}")
-        for n, line in enumerate(Path(name).read_text().splitlines(), 1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise DllmError(f"{name}:{n} is not a JSON line") from None
-            if record.get("kind") == "bench":
-                records.append(record)
+        for n, line in enumerate(read_file(name, "results file").splitlines(), 1):
+            record = parse_json(line, f"{name}:{n}")
+            if isinstance(record, dict) and record.get("kind") == "bench":
+                records.append(check_record(record, f"{name}:{n}"))
     records.sort(key=lambda r: (r["conditions"]["sync_scheme"], r["conditions"]["world_size"]))
     print(HEADER)
     for r in records:
@@ -204,6 +202,20 @@ def table_main(comm, argv):
     return 0
 
 
+def check_record(record, where):
+    """A bench line holding what the table reads (a hand-edited or foreign line is named)."""
+    try:
+        row(record)
+        ok = isinstance(record["conditions"]["world_size"], int) and isinstance(
+            record["conditions"]["sync_scheme"], str)
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise DllmError(f"{where} is a bench line without the figures of a run "
+                        f"(written by another version, or edited?)")
+    return record
+
+
 def plot(records, folder):
     try:
         import matplotlib
@@ -211,7 +223,10 @@ def plot(records, folder):
         import matplotlib.pyplot as plt
     except ImportError:
         raise DllmError("plots need matplotlib: pip install 'dllm[bench]'") from None
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DllmError(f"--plot-dir {folder}: {reason(exc)}") from None
     schemes = sorted({r["conditions"]["sync_scheme"] for r in records})
     fig, ax = plt.subplots(figsize=(6, 4))
     for scheme in schemes:
@@ -223,7 +238,7 @@ def plot(records, folder):
     _ranks_axis(ax, records)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(folder / "time_per_token.png", dpi=120)
+    save_figure(fig, folder / "time_per_token.png")
     fig, ax = plt.subplots(figsize=(6, 4))
     for scheme in schemes:
         rs = [r for r in records if r["conditions"]["sync_scheme"] == scheme]
@@ -233,7 +248,12 @@ def plot(records, folder):
     _ranks_axis(ax, records)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(folder / "bytes_per_token.png", dpi=120)
+    save_figure(fig, folder / "bytes_per_token.png")
+
+
+def save_figure(fig, path):
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
 
 
 def _ranks_axis(ax, records):
@@ -285,6 +305,7 @@ def compare_main(comm, argv):
     """Collective: measure every mode in turn, print the table on root."""
     from .loading import load
     args = compare_parser(comm.is_root).parse_args(argv)
+    comm.from_root(check_paths, args)
     use_fault_options(comm, args)
     if (args.model is None) == (args.preset is None):
         raise DllmError("give exactly one of --model and --preset")
@@ -295,9 +316,8 @@ def compare_main(comm, argv):
         ks = sorted({int(k) for k in args.sequences.split(",")})
     except ValueError:
         raise DllmError(f"--sequences must be numbers such as 1,2,4, got {args.sequences!r}") from None
-    if ks[0] < 1 or min(args.prompt_len, args.decode_tokens) < 1 or args.warmup < 0:
-        raise DllmError("--sequences, --prompt-len and --decode-tokens must be positive, "
-                        "--warmup >= 0")
+    if ks[0] < 1:
+        raise DllmError(f"--sequences must be positive, got {args.sequences!r}")
     path = args.model or comm.from_root(synthetic_model, args.preset, args.layers, args.cache_dir)
     steps = args.warmup + args.decode_tokens + 1
     options = dict(max_seq_len=args.prompt_len + steps, prefill_chunk=max(args.prompt_len, 1),
@@ -321,8 +341,7 @@ def compare_main(comm, argv):
                   "layers": args.layers, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         print(compare_table(result))
         if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(result) + "\n")
+            append_line(args.out, json.dumps(result))
     return 0
 
 

@@ -9,11 +9,14 @@ rank and aborts the job with exit code 75 (docs/faults.md).
 """
 import argparse
 import sys
+import time
 import traceback
 
 from .backend import KERNELS
-from .errors import DllmError
+from .checks import check_values, finite_float
+from .errors import DllmError, LoneError
 
+FLUSH_SECONDS = 1.0     # between the last line and an abort (see abort_job)
 MPI_HELP = ("install an MPI library: pip install 'dllm[mpich]' (PyPI MPICH), or your system's "
             "MPI (apt install mpich libmpich-dev, then pip install --no-binary mpi4py mpi4py)")
 
@@ -24,6 +27,20 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, is_root=True, **kwargs):
         super().__init__(*args, **kwargs)
         self.is_root = is_root
+
+    def add_argument(self, *args, **kwargs):
+        # Every float flag of every command is finite: "--timeout nan" must not pass as a
+        # number and silently switch a limit off.
+        if kwargs.get("type") is float:
+            kwargs["type"] = finite_float
+        return super().add_argument(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        """Parse, then hold every value to the ranges of dllm.checks (one rule per flag
+        name, for every command)."""
+        parsed = super().parse_args(args, namespace)
+        check_values(parsed)
+        return parsed
 
     def error(self, message):
         raise DllmError(f"{message} (see --help)")
@@ -99,11 +116,8 @@ def add_fault_options(parser):
 
 
 def use_fault_options(comm, args, hint=None):
-    """Give this rank's watchdog the parsed limits, and the hint that ends its report."""
-    for name in ("timeout", "load_timeout"):
-        if getattr(args, name) < 0:
-            raise DllmError(f"--{name.replace('_', '-')} must be >= 0 seconds, got "
-                            f"{getattr(args, name)}")
+    """Give this rank's watchdog the parsed limits (checked when parsed: finite, >= 0),
+    and the hint that ends its report."""
     if comm.watchdog is not None:
         comm.watchdog.timeout = args.timeout or None
         comm.watchdog.load_timeout = args.load_timeout or None
@@ -116,11 +130,18 @@ def model_loaded(comm):
         comm.watchdog.loaded()
 
 
+_stdout_mid_line = False   # root's text on stdout does not end with a newline yet
+
+
 def root_print(comm, *args, **kwargs):
     """Print on root only (all user-facing output goes through here)."""
+    global _stdout_mid_line
     if comm.is_root:
         kwargs.setdefault("flush", True)
         print(*args, **kwargs)
+        text = kwargs.get("sep", " ").join(map(str, args)) + kwargs.get("end", "\n")
+        if kwargs.get("file") in (None, sys.stdout) and text:
+            _stdout_mid_line = not text.endswith("\n")
 
 
 def run(main, argv, prog):
@@ -142,24 +163,50 @@ def run(main, argv, prog):
     try:
         return main(comm, argv) or 0
     except DllmError as exc:
-        if comm.is_root:
+        alone = isinstance(exc, LoneError)
+        if comm.is_root or alone:
             print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        if alone and comm.size > 1:
+            abort_job(comm, 1)
         return 1
     except KeyboardInterrupt:
         if comm.is_root:
             print(f"{prog}: interrupted", file=sys.stderr, flush=True)
-        comm.abort(130)
+        abort_job(comm, 130)
     except BrokenPipeError:  # output piped into `head`: not an error of ours
         return 0
     except Exception:
         traceback.print_exc()
         print(f"{prog}: rank {comm.rank} failed unexpectedly (a bug in dllm); aborting all "
               f"ranks", file=sys.stderr, flush=True)
-        comm.abort(1)
+        abort_job(comm, 1)
     finally:
         if comm.watchdog is not None:
             comm.watchdog.stop()
     return 1
+
+
+def end_output():
+    """Before an abort: end root's text with a newline and flush both streams, so that the
+    error line arrives (MPI_Abort kills the process with whatever is still buffered) and
+    the launcher's own banner does not land inside the generated text."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is sys.stdout and _stdout_mid_line:
+                stream.write("\n")
+            stream.flush()
+        except (OSError, ValueError):   # a closed pipe: nothing more can arrive anyway
+            pass
+
+
+def abort_job(comm, code):
+    """End every rank now, after the lines printed so far have had time to arrive."""
+    end_output()
+    if comm.size > 1:
+        # The launcher forwards stderr asynchronously and an abort tears the job down at
+        # once: without a moment's grace the error line was lost (the issue's example).
+        time.sleep(FLUSH_SECONDS)
+    comm.abort(code)
 
 
 def entry(main, prog):

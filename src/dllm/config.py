@@ -60,6 +60,10 @@ class ModelConfig:
         for f in fields(self):
             if f.type is int and getattr(self, f.name) < (0 if f.name.endswith("_id") else 1):
                 raise ModelFileError(f"config {f.name} = {getattr(self, f.name)} must be positive")
+        for name in ("bos_id", "eos_id"):
+            if getattr(self, name) >= self.vocab_size:
+                raise ModelFileError(f"config {name} = {getattr(self, name)} is outside the "
+                                     f"vocabulary of {self.vocab_size} tokens")
         if self.dim % self.n_heads:
             raise ModelFileError(f"config dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:

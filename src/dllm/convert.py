@@ -10,6 +10,7 @@ progress bar and a closing table of each tensor's quantization error go to stder
 SIGINT and SIGTERM remove the temporary file; one left by a killed conversion is removed by
 the next conversion to the same name.
 """
+import os
 import signal
 import sys
 import threading
@@ -20,7 +21,8 @@ from .converters.common import error_table, prepare, with_tokenizer, write_check
 from .converters.hf import HF_NAMES, hf_to_interleaved  # noqa: F401  (public API)
 from .converters.synthetic import PRESETS, read_synthetic
 from .errors import DllmError
-from .modelfile import remove_stale_temporaries
+from .atomic import remove_stale_temporaries
+from .checks import check_paths
 from .tokenizer import CHAT_TEMPLATES
 
 PROG = "dllm.convert"
@@ -32,13 +34,14 @@ class Terminated(BaseException):
 
 
 def convert(source, out, quant="q40", fmt=None, tokenizer=None, chat_template=None,
-            progress=False, log=print):
+            progress=False, log=print, allow_nonfinite=False):
     """Convert one checkpoint to `out`; returns (config, TensorReports). Warnings go to log;
-    progress: draw a progress bar on stderr."""
+    progress: draw a progress bar on stderr; allow_nonfinite: convert NaN/inf weights
+    instead of refusing them."""
     if quant not in ("q40", "f32"):
         raise DllmError(f"--quant must be q40 or f32, got {quant!r}")
     ckpt = prepare(with_tokenizer(open_checkpoint(source, quant, fmt, tokenizer), tokenizer,
-                                  chat_template), quant)
+                                  chat_template), quant, allow_nonfinite)
     return ckpt.config, _write(ckpt, out, quant, progress, log)
 
 
@@ -87,18 +90,25 @@ def build_parser():
     p.add_argument("--seed", type=int, default=None, help="synthetic: random seed (default 0)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar and no error table (warnings still print)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="convert weights holding NaN or inf instead of refusing them (Q4_0 "
+                        "turns them into finite values; dllm.load refuses them in f32)")
     return p
 
 
 def main(argv=None):
     previous = _catch_sigterm()
+    args, before = None, False      # False: interrupted before the output was looked at
     try:
-        return _main(argv)
+        args = build_parser().parse_args(argv)
+        before = _identity(args.output)
+        return _main(args)
     except DllmError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
         return 1
     except (KeyboardInterrupt, Terminated) as exc:   # write_model removed its temporary file
-        print(f"{PROG}: interrupted; nothing written", file=sys.stderr, flush=True)
+        print(f"{PROG}: interrupted; {_on_disk(args and args.output, before)}",
+              file=sys.stderr, flush=True)
         return 143 if isinstance(exc, Terminated) else 130   # 128 + SIGTERM / SIGINT
     finally:
         if previous is not None:
@@ -117,8 +127,27 @@ def _catch_sigterm():
     return signal.signal(signal.SIGTERM, terminated)
 
 
-def _main(argv):
-    args = build_parser().parse_args(argv)
+def _identity(path):
+    """What names the file at `path` now (inode, size, change time), None when absent."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_ctime_ns
+
+
+def _on_disk(path, before):
+    """What an interrupt left: the rename is atomic, so the old output or the new one."""
+    if before is False:
+        return "nothing written"
+    now = _identity(path)
+    if now == before:
+        return f"{path} unchanged" if now else "nothing written"
+    return f"{path} was written completely before the interrupt"
+
+
+def _main(args):
+    check_paths(args)
 
     def log(message):
         print(message, file=sys.stderr, flush=True)
@@ -138,7 +167,8 @@ def _main(argv):
         if args.preset is not None or args.layers is not None or args.seed is not None:
             raise DllmError("--preset, --layers and --seed apply to 'synthetic' only")
         config, reports = convert(args.source, args.output, args.quant, args.format,
-                                  args.tokenizer, args.chat_template, not args.quiet, log)
+                                  args.tokenizer, args.chat_template, not args.quiet, log,
+                                  args.allow_nonfinite)
         quant = args.quant
     if not args.quiet:
         log(error_table(reports))

@@ -14,3 +14,17 @@ class DllmError(Exception):
 
 class ModelFileError(DllmError):
     """The model file is missing, truncated, corrupt or of an unknown format version."""
+
+
+class LoneError(DllmError):
+    """A DllmError on one rank at a moment the others cannot be told of it (root failing to
+    write a transcript or checkpoint while they compute): the entry point prints it there and
+    aborts the job with exit code 1, instead of leaving the others waiting in a collective."""
+
+
+def on_one_rank(fn, *args, **kwargs):
+    """fn(*args, **kwargs), its DllmError raised as a LoneError."""
+    try:
+        return fn(*args, **kwargs)
+    except DllmError as exc:
+        raise LoneError(str(exc)) from None

@@ -16,9 +16,11 @@ from pathlib import Path
 from . import evaluate
 from .cli import (ArgumentParser, add_engine_options, add_fault_options, entry, load_model,
                   model_loaded, root_print, run, use_fault_options)
+from .checks import check_paths, read_file, read_json
 from .errors import DllmError
-from .generate import check_writable, default_model
-from .stats import conditions, write_json_atomically
+from .generate import default_model
+from .atomic import write_json
+from .stats import conditions
 
 PROG = "dllm.eval"
 
@@ -78,14 +80,13 @@ def main(argv=None):
 
 def _main(comm, argv):
     args = build_parser(comm.is_root).parse_args(argv)
+    comm.from_root(check_paths, args)
     return {"mmlu": _mmlu, "perplexity": _perplexity, "compare": _compare}[args.command](
         comm, args)
 
 
 def _watch(comm, args):
     """The watchdog's limits, and how to continue after it aborts (docs/faults.md)."""
-    if args.checkpoint_every < 0:
-        raise DllmError(f"--checkpoint-every must be >= 0 seconds, got {args.checkpoint_every}")
     use_fault_options(comm, args, hint=f"run the same command again to continue {args.out}"
                       if args.out else "give --out to make the run resumable")
 
@@ -114,10 +115,6 @@ def _expected_settings(comm, args):
 # --- mmlu -----------------------------------------------------------------------------------
 def _mmlu(comm, args):
     _watch(comm, args)
-    if args.shots < 0:
-        raise DllmError(f"--shots must be 0 or more, got {args.shots}")
-    if args.limit is not None and args.limit < 1:
-        raise DllmError(f"--limit must be at least 1, got {args.limit}")
     subjects = comm.from_root(_check_data, args.data, args.subjects, args.shots)
     if args.out:
         comm.from_root(_check_mmlu_out, comm, args)
@@ -133,8 +130,8 @@ def _mmlu(comm, args):
 
 
 def _check_mmlu_out(comm, args):
-    """Root, before loading: --out is writable and empty, or results of these settings."""
-    check_writable(args.out)
+    """Root, before loading (check_paths found --out writable): --out is empty, or results
+    of these settings."""
     if Path(args.out).exists():
         run, context = _expected_settings(comm, args)
         evaluate.load_results(args.out, evaluate.mmlu_settings(
@@ -202,54 +199,40 @@ def _perplexity_line(r):
 
 def _about_text(text, tokenizer):
     """The text's part of the perplexity settings: name, SHA-256, the tokenizer override."""
-    _read_text(text)
+    read_file(text, "text file")      # UTF-8 text, or one line naming it
     return {"text": Path(text).name,
-            "text_sha256": hashlib.sha256(Path(text).read_bytes()).hexdigest(),
+            "text_sha256": hashlib.sha256(read_file(text, "text file", text=False)).hexdigest(),
             "tokenizer": Path(tokenizer).name if tokenizer else None}
 
 
 def _check_perplexity_out(out, settings):
-    """Root, before loading: --out is writable and empty, or perplexity of these settings
-    (returned when finished)."""
-    check_writable(out)
+    """Root, before loading (check_paths found --out writable): --out is empty, or
+    perplexity of these settings (returned when finished)."""
     state = evaluate.load_perplexity(out, settings)
     return state if state and "perplexity" in state else None
-
-
-def _read_text(path):
-    path = Path(path)
-    if not path.is_file():
-        raise DllmError(f"text file not found: {path}")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DllmError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def _encode_text(model, path):
     if model.tokenizer is None:
         raise DllmError("this model file has no tokenizer: pass --tokenizer PATH "
                         "(a SentencePiece tokenizer.model)")
-    return model.tokenizer.encode(_read_text(path), bos=False)
+    return model.tokenizer.encode(read_file(path, "text file"), bos=False)
 
 
 # --- compare ----------------------------------------------------------------------------------
 def _compare(comm, args):
-    if args.top < 1:
-        raise DllmError(f"--top must be at least 1, got {args.top}")
     if args.out:
         comm.from_root(_check_compare_out, args.out)
     report = comm.from_root(_compare_files, args.a, args.b, args.top)
     if comm.is_root:
         print(format_comparison(report, args.a, args.b))
         if args.out:
-            write_json_atomically(args.out, report)
+            write_json(args.out, report)
     return 0
 
 
 def _check_compare_out(out):
     """A comparison never replaces a results file (say, one of the two compared)."""
-    check_writable(out)
     try:
         kind = evaluate.results_kind(json.loads(Path(out).read_text(encoding="utf-8")))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -259,18 +242,8 @@ def _check_compare_out(out):
                         f"refusing to overwrite it with a comparison: choose another --out")
 
 
-def _read_json(path):
-    path = Path(path)
-    if not path.is_file():
-        raise DllmError(f"results file not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DllmError(f"{path} is not a JSON file ({exc})") from None
-
-
 def _compare_files(path_a, path_b, top):
-    a, b = _read_json(path_a), _read_json(path_b)
+    a, b = read_json(path_a, "results file"), read_json(path_b, "results file")
     kind_a, kind_b = evaluate.check_results(a, path_a), evaluate.check_results(b, path_b)
     if kind_a != kind_b:
         raise DllmError(f"{path_a} holds {kind_a} results and {path_b} {kind_b} results: "

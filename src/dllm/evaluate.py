@@ -24,7 +24,6 @@ ranks need (how much is done) is broadcast.
 import csv
 import difflib
 import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -32,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DllmError
+from .checks import read_json
+from .errors import DllmError, on_one_rank
 
 LETTERS = "ABCD"
 ANSWER_PROBE = "Answer:"      # every MMLU prompt ends with it; choices are scored after it
@@ -490,10 +490,9 @@ def load_results(path, settings):
 
 def _read_out(path):
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DllmError(f"--out {path} exists but cannot be read as JSON ({exc}); "
-                        f"refusing to overwrite it") from None
+        return read_json(path, "--out")
+    except DllmError as exc:
+        raise DllmError(f"{exc}; refusing to overwrite it") from None
 
 
 def _check_settings(path, old, new):
@@ -505,8 +504,8 @@ def _check_settings(path, old, new):
 
 
 def write_results(path, results):
-    from .stats import write_json_atomically
-    write_json_atomically(path, results)
+    from .atomic import write_json
+    write_json(path, results)
 
 
 class Checkpoint:
@@ -521,8 +520,8 @@ class Checkpoint:
             self.save(data)
 
     def save(self, data):
-        if self.path:
-            write_results(self.path, data)
+        if self.path:   # on root alone, while the other ranks compute
+            on_one_rank(write_results, self.path, data)
             self.saved = time.monotonic()
 
 

@@ -7,23 +7,30 @@ the embedded demo model (tinystories-1m, Q40, converted by dllm) is used. With -
 root records the prompt, the tokens so far and the sampler's state after every token;
 --resume continues such a record after a crash, on any number of ranks (docs/faults.md).
 """
-import json
-import os
 import sys
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
+
+from .atomic import write_json
 from .cli import (ArgumentParser, add_engine_options, add_fault_options, entry, load_model,
                   model_loaded, root_print, run, use_fault_options)
-from .errors import DllmError
+from .checks import check_paths, check_utf8, check_values, read_json
+from .errors import DllmError, on_one_rank
 from .sampler import Sampler
-from .stats import StepTimer, conditions, summarize, write_json_atomically
+from .stats import StepTimer, conditions, summarize
 
 PROG = "dllm.generate"
-TRANSCRIPT_KIND, TRANSCRIPT_VERSION = "dllm-transcript", 1
+TRANSCRIPT_KIND, TRANSCRIPT_VERSION = "dllm-transcript", 2
 # What a transcript fixes: --resume takes these from it (a flag that contradicts it is an error).
+# The parallel mode and the profile decide where the Q8_0 roundings fall, so a pipeline run
+# resumed tensor-parallel would give another text.
+# So do the kernels: the fast backend's Q8_0 inputs round where the numpy one's do not.
 RESUMED = ("prompt", "steps", "temperature", "top_p", "seed", "no_stop", "sync", "sync_scheme",
-           "prefill_chunk", "max_seq_len")
+           "prefill_chunk", "max_seq_len", "parallel", "profile", "kernels")
+# Version 1 did not record these: its resume takes them from the command line, as it did.
+NOT_IN_VERSION_1 = ("parallel", "profile", "kernels")
 
 
 def default_model():
@@ -68,24 +75,21 @@ def _main(comm, argv):
     from .model import generate_tokens
     parser = build_parser(comm.is_root)
     args = parser.parse_args(argv)
+    comm.from_root(check_paths, args)
     transcript = None
     if args.resume:
         if args.chat:
             raise DllmError("--resume continues a --transcript of plain generation, not --chat")
-        transcript = comm.from_root(read_transcript, args.resume)
+        transcript = comm.from_root(read_transcript, args.resume, parser)
         apply_transcript(args, transcript, parser)
         args.transcript = args.transcript or args.resume
     if args.chat and args.transcript:
         raise DllmError("--transcript records plain generation; it does not apply to --chat")
     use_fault_options(comm, args, hint=f"continue with --resume {args.transcript}"
                       if args.transcript else None)
-    if args.steps < 1:
-        raise DllmError(f"--steps must be at least 1, got {args.steps}")
     sampler = Sampler(args.temperature, args.top_p, args.seed)
-    for path in (args.stats_json, args.transcript if not args.resume else None):
-        if path:
-            comm.from_root(check_writable, path)
     model = load_model(comm, args)
+    args.kernels = model.kernels.name        # the one that ran, recorded in a transcript
     if args.chat:
         model_loaded(comm)
         return chat(comm, model, args, sampler)
@@ -123,8 +127,10 @@ def _main(comm, argv):
         timer.mark()
     if transcript is not None and comm.is_root:
         transcript["finished"] = True
-        write_json_atomically(args.transcript, transcript)
+        on_one_rank(write_json, args.transcript, transcript)
     root_print(comm, "")
+    comm.root_only(warn_if_context_full, model, len(prompt_ids), generated, args.steps,
+                   not args.no_stop)
 
     summary = summarize(comm, timer)
     info = conditions(comm, model, weights_from=args.weights_from, temperature=args.temperature,
@@ -136,7 +142,7 @@ def _main(comm, argv):
         if not args.quiet:
             print_summary(report, file=sys.stderr)
         if args.stats_json:
-            write_json_atomically(args.stats_json, report)
+            write_json(args.stats_json, report)
     return 0
 
 
@@ -156,41 +162,71 @@ def record_token(path, transcript, token, sampler, stream):
     transcript["token_ids"].append(int(token))
     transcript["sampler_state"] = sampler.rng.bit_generator.state
     transcript["text"] = stream.printed if stream is not None else None
-    write_json_atomically(path, transcript)
+    on_one_rank(write_json, path, transcript)
 
 
-def read_transcript(path):
-    """Root: a transcript file, checked."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            transcript = json.load(f)
-    except FileNotFoundError:
-        raise DllmError(f"--resume {path}: no such file") from None
-    except (OSError, ValueError) as exc:
-        raise DllmError(f"--resume {path} cannot be read as a transcript ({exc})") from None
+def read_transcript(path, parser):
+    """Root: a transcript file, checked: its settings as the parser would take them, its
+    sampler state one numpy restores."""
+    transcript = read_json(path, "--resume transcript")
     if not isinstance(transcript, dict) or transcript.get("kind") != TRANSCRIPT_KIND:
         raise DllmError(f"--resume {path} is not a dllm.generate --transcript file")
-    if transcript.get("version") != TRANSCRIPT_VERSION:
-        raise DllmError(f"--resume {path} is transcript version {transcript.get('version')}; "
-                        f"this dllm reads version {TRANSCRIPT_VERSION}")
+    version = transcript.get("version")
+    if version not in (1, TRANSCRIPT_VERSION):
+        raise DllmError(f"--resume {path} is transcript version {version}; this dllm reads "
+                        f"versions 1 and {TRANSCRIPT_VERSION}")
     settings = transcript.get("settings")
+    expected = set(RESUMED) - (set(NOT_IN_VERSION_1) if version == 1 else set())
     ids = [transcript.get("prompt_ids"), transcript.get("token_ids")]
-    if (not isinstance(settings, dict) or set(RESUMED) - set(settings)
+    if (not isinstance(settings, dict) or expected - set(settings)
             or not all(isinstance(x, list) and all(isinstance(t, int) for t in x) for x in ids)
-            or not isinstance(transcript.get("model"), str)):
+            or not isinstance(transcript.get("model"), str)
+            or not all(_valid_setting(parser, name, settings[name])
+                       for name in RESUMED if name in settings)
+            or not _valid_sampler_state(transcript.get("sampler_state"))):
         raise DllmError(f"--resume {path}: the transcript is incomplete or damaged")
     return transcript
 
 
+def _valid_setting(parser, name, value):
+    """True when `value` is one the flag `name` can take once parsed."""
+    action = next(a for a in parser._actions if a.dest == name)
+    if value is None:
+        return action.default is None
+    if action.nargs == 0:                      # store_true
+        return isinstance(value, bool)
+    if action.choices is not None and value not in action.choices:
+        return False
+    try:
+        return action.type(str(value)) == value if action.type else isinstance(value, str)
+    except ValueError:
+        return False
+
+
+def _valid_sampler_state(state):
+    """None (no token drawn yet), or a state numpy's generator restores."""
+    if state is None:
+        return True
+    try:
+        np.random.default_rng().bit_generator.state = state
+    except (TypeError, ValueError, KeyError):
+        return False
+    return True
+
+
 def apply_transcript(args, transcript, parser):
-    """Take the transcript's settings; a flag given with another value is an error."""
+    """Take the transcript's settings; a flag given with another value is an error. The
+    ranges of dllm.checks hold for the recorded values as for flags."""
     for name, recorded in transcript["settings"].items():
+        if name not in RESUMED:
+            continue
         given = getattr(args, name)
         if given != parser.get_default(name) and given != recorded:
             raise DllmError(f"--resume continues with the transcript's settings: "
                             f"--{name.replace('_', '-')} {given} differs from its {recorded}")
         setattr(args, name, recorded)
     args.model = args.model or transcript["model"]
+    check_values(args)
 
 
 def check_transcript_model(transcript, model):
@@ -202,13 +238,15 @@ def check_transcript_model(transcript, model):
         raise DllmError("the transcript holds token ids outside the model's vocabulary")
 
 
-def check_writable(path):
-    """Fail before the run, not after it, when the JSON cannot be written."""
-    if Path(path).is_dir():
-        raise DllmError(f"cannot write {path}: it is a directory; give a file name")
-    folder = Path(path).resolve().parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise DllmError(f"cannot write {path}: {folder} is not a writable directory")
+def warn_if_context_full(model, prompt_len, generated, steps, stop_at_eos):
+    """Root: say so on stderr when the context, not --steps or EOS, ended the generation."""
+    if len(generated) >= steps or (stop_at_eos and generated
+                                   and generated[-1] == model.config.eos_id):
+        return
+    if prompt_len + len(generated) > model.max_seq_len:   # the last token fills the context
+        print(f"{PROG}: warning: stopped after {len(generated)} of {steps} tokens: the "
+              f"context of {model.max_seq_len} tokens is full (--max-seq-len, at most the "
+              f"model's {model.config.max_seq_len})", file=sys.stderr, flush=True)
 
 
 def _encode(model, prompt):
@@ -274,6 +312,16 @@ def _chat_ids(tokenizer, template, messages, user):
 
 def _read_turn():
     """The user's next non-empty line (a '> ' prompt on a terminal), or None at the end."""
+    try:
+        line = _next_line()
+    except UnicodeDecodeError as exc:
+        raise DllmError(f"--chat: stdin is not UTF-8 text (byte {exc.start} of a line)") from None
+    if line is not None:    # a C locale decodes bad bytes to surrogates instead
+        check_utf8(line, "--chat: a line of stdin")
+    return line
+
+
+def _next_line():
     while True:
         if sys.stdin.isatty():
             try:

@@ -140,21 +140,37 @@ def read_weights(comm, path, weights_from, entries_of, prepare=None):
 
 def _weights_from_root(comm, path, entries_of, prepare):
     """Root reads every rank's arrays (entries_of(rank): see local_tensors) and sends them;
-    returns this rank's weights."""
+    returns this rank's weights. When root refuses the file (a NaN scale in rank 2's slice),
+    every rank still waiting for an array is told at once instead of the next header, and
+    all raise root's error together: none waits for the load timeout."""
     if comm.is_root:
-        with ModelFile(path) as mf:
-            for rank in range(1, comm.size):
-                entries = entries_of(rank)
-                for key, name, rows, cols in entries:
-                    array = mf.read(name, rows, cols)
-                    comm.send_obj((array.shape, array.dtype.str), rank, tag=1)
-                    comm.send_array(array, rank, tag=2)
-            return {key: prepare(key, mf.read(name, rows, cols))
-                    for key, name, rows, cols in entries_of(0)}
-    weights = {}
-    for key, name, rows, cols in entries_of(comm.rank):
-        shape, dtype = comm.recv_obj(source=0, tag=1)
-        weights[key] = prepare(key, comm.recv_array(shape, np.dtype(dtype), source=0, tag=2))
+        served, error = 1, None
+        try:
+            with ModelFile(path) as mf:
+                for served in range(1, comm.size):
+                    for key, name, rows, cols in entries_of(served):
+                        array = mf.read(name, rows, cols)
+                        comm.send_obj((array.shape, array.dtype.str), served, tag=1)
+                        comm.send_array(array, served, tag=2)
+                served = comm.size
+                weights = {key: prepare(key, mf.read(name, rows, cols))
+                           for key, name, rows, cols in entries_of(0)}
+        except DllmError as exc:
+            error = str(exc)
+            for rank in range(served, comm.size):
+                comm.send_obj(None, rank, tag=1)      # instead of the next array's header
+    else:
+        weights = {}
+        for key, name, rows, cols in entries_of(comm.rank):
+            header = comm.recv_obj(source=0, tag=1)
+            if header is None:
+                break
+            shape, dtype = header
+            weights[key] = prepare(key, comm.recv_array(shape, np.dtype(dtype), source=0,
+                                                        tag=2))
+    error = comm.bcast(error if comm.is_root else None)
+    if error is not None:
+        raise DllmError(error)
     return weights
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .atomic import replacing
 from .config import ModelConfig
 from .errors import ModelFileError
 from .quant import Q40_BLOCK_BYTES, dequantize_q40, quantize_q40
@@ -95,7 +96,7 @@ class TensorReport:
 
 def write_model(path, config, tensors, quant="q40", tokenizer=None, metadata=None,
                 attrs=None, tokenizer_attrs=None, on_tensor=None):
-    """Write a model file atomically: into a temporary file beside `path`, renamed at the end.
+    """Write a model file atomically (dllm.atomic.replacing: the old file or the new one, whole).
 
     tensors: iterable of (name, tensor), each name of ``tensor_shapes(config)`` exactly once,
     in any order; a tensor is a float array of the logical shape (or any object with .shape
@@ -112,9 +113,8 @@ def write_model(path, config, tensors, quant="q40", tokenizer=None, metadata=Non
     config.check()
     path = Path(path)
     shapes = tensor_shapes(config)
-    tmp = temporary_path(path)
     reports = []
-    try:
+    with replacing(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = FORMAT_NAME
             f.attrs["format_version"] = FORMAT_VERSION
@@ -144,47 +144,7 @@ def write_model(path, config, tensors, quant="q40", tokenizer=None, metadata=Non
             missing = sorted(set(shapes) - written)
             if missing:
                 raise ValueError(f"tensors missing: {', '.join(missing[:5])}")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return reports
-
-
-def temporary_path(path, pid=None):
-    """Where write_model writes `path` before renaming it: .NAME.tmp-PID beside it."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid() if pid is None else pid}")
-
-
-def remove_stale_temporaries(path):
-    """Delete the .NAME.tmp-PID files beside `path` whose process no longer runs (a writer
-    killed with SIGKILL, or a machine that went down, cannot clean up after itself);
-    returns the paths removed. A file of a running process (this one included) is kept."""
-    path = Path(path)
-    prefix = temporary_path(path, "")
-    if not path.parent.is_dir():
-        return []
-    removed = []
-    for tmp in path.parent.iterdir():
-        pid = tmp.name[len(prefix.name):]
-        if tmp.name.startswith(prefix.name) and pid.isdigit() and not _running(int(pid)):
-            try:
-                tmp.unlink()
-            except FileNotFoundError:   # another writer removed it first
-                continue
-            removed.append(tmp)
-    return removed
-
-
-def _running(pid):
-    try:
-        os.kill(pid, 0)                 # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):   # another user's process; not a PID at all
-        return True
-    return True
 
 
 def _write_tensor(f, name, array, shape, quant):

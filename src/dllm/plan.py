@@ -21,10 +21,11 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from .atomic import append_line, write_json
+from .checks import check_paths, read_json
 from .cli import (ArgumentParser, add_fault_options, add_kernel_options, entry, run,
                   use_fault_options)
 from .errors import DllmError
@@ -462,6 +463,7 @@ def main(argv=None):
 
 def _main(comm, argv):
     args = build_parser(comm.is_root).parse_args(argv)
+    comm.from_root(check_paths, args)
     if args.command != "search":
         use_fault_options(comm, args)
     if args.command == "calibrate":
@@ -486,9 +488,6 @@ def model_shape(args):
 def search_main(args):
     """Root: search, print the front and the baselines, write the JSON."""
     config, quant = model_shape(args)
-    for name in ("population", "generations", "sequences"):
-        if getattr(args, name) < 1:
-            raise DllmError(f"--{name} must be positive")
     profile = as_profile(args.profile)
     model = CostModel(config, quant, profile, args.sync, args.sequences, args.max_seq_len)
     started = time.perf_counter()
@@ -511,7 +510,7 @@ def search_main(args):
                   "engine": args.engine, "front": [plan_record(model, p) for p in front],
                   "recommended": [front.index(p) for p in chosen],
                   "baselines": [plan_record(model, p) for p in baselines if p.feasible]}
-        Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+        write_json(args.output, record)
     return 0
 
 
@@ -620,8 +619,6 @@ def calibrate_main(comm, args):
     from .sync import SliceExchange
     if args.model is None:
         raise DllmError("calibrate runs the model: give --model")
-    if args.context < 1 or args.repeats < 1:
-        raise DllmError("--context and --repeats must be positive")
     memory = parse_bytes(args.memory) if args.memory else available_memory(comm)
     model = load(args.model, comm, parallel="pipeline", sync=args.sync,
                  max_seq_len=args.context + 1, prefill_chunk=args.context,
@@ -652,7 +649,7 @@ def calibrate_main(comm, args):
                         for r in range(comm.size))
         profile = Profile(devices, tuple((names[a], names[b], link) for a, b, link in links),
                           layer_ms=layer_ms[0], classifier_ms=root_ms)
-        Path(args.output).write_text(json.dumps(profile.to_dict(), indent=2) + "\n")
+        write_json(args.output, profile.to_dict())
         print(f"--- {PROG} calibrate: {comm.size} rank(s), {args.model}, position "
               f"{args.context}")
         for r, d in enumerate(devices):
@@ -677,8 +674,6 @@ def check_main(comm, args):
              "baselines": [("baselines", i) for i in range(len(record["baselines"]))]}
     picks["all"] = picks["front"] + picks["baselines"]
     k, steps = record["sequences"], args.warmup + args.decode_tokens + 1
-    if min(args.decode_tokens, args.prompt_len) < 1 or args.warmup < 0:
-        raise DllmError("--decode-tokens and --prompt-len must be positive, --warmup >= 0")
     rows = []
     for group, index in picks[args.which]:
         plan = record[group][index]
@@ -707,20 +702,33 @@ def check_main(comm, args):
     if comm.is_root:
         print(check_table(rows, k))
         if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps({"kind": "plan-check", "plans": args.plans, "sequences": k,
-                                    "rows": rows, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-                        + "\n")
+            append_line(args.out, json.dumps({"kind": "plan-check", "plans": args.plans,
+                                              "sequences": k, "rows": rows,
+                                              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
     return 0
 
 
 def _read_plans(path):
-    try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DllmError(f"cannot read plans {path}: {exc}") from None
-    if record.get("kind") != "plans":
+    """Root: a plans file of search -o, checked so far as check reads it (every plan's
+    profile is checked again when loaded)."""
+    record = read_json(path, "plans file")
+    if not isinstance(record, dict) or record.get("kind") != "plans":
         raise DllmError(f"{path} is not written by python -m {PROG} search -o")
+    try:
+        plans = record["front"] + record["baselines"]
+        ok = (isinstance(record["sequences"], int) and record["sequences"] >= 1
+              and record["sync"] in ("q80", "f32")
+              and all(0 <= i < len(record["front"]) for i in record["recommended"])
+              and all(isinstance(p["ranks"], list) and p["ranks"]
+                      and all(isinstance(r, int) and r >= 0 for r in p["ranks"])
+                      and isinstance(p["profile"], dict)
+                      and isinstance(p["predicted"]["ms_per_token"], (int, float))
+                      for p in plans))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise DllmError(f"plans file {path} is incomplete or damaged (rewrite it with "
+                        f"python -m {PROG} search -o)")
     return record
 
 

@@ -10,12 +10,11 @@ between them; docs/parallelism.md specifies the file. From it:
 
 Pure functions of (config, quant, profile); only use_profile communicates.
 """
-import json
 import math
 import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
+from .checks import read_json
 from .errors import DllmError
 from .shard import counts_to_ranges, proportional_counts
 
@@ -115,6 +114,9 @@ class Profile:
         if not isinstance(data, dict) or not isinstance(data.get("devices"), list) \
                 or not data["devices"]:
             raise DllmError(f"{source}: needs a non-empty list \"devices\"")
+        if len(data["devices"]) > MAX_DEVICES:
+            raise DllmError(f"{source}: at most {MAX_DEVICES} devices, got "
+                            f"{len(data['devices'])}")
         devices = tuple(_device(d, i, source) for i, d in enumerate(data["devices"]))
         names = [d.name for d in devices]
         if len(set(names)) != len(names):
@@ -134,17 +136,30 @@ class Profile:
         times = {}
         for key in ("layer_ms", "classifier_ms"):
             if data.get(key) is not None:
-                times[key] = _positive(data[key], f"{source}: {key}")
+                times[key] = _positive(data[key], f"{source}: {key}", high=TIME_MS_MAX)
         return cls(devices, tuple(links),
                    _link(data["default_link"], source) if "default_link" in data else None,
                    _link(data["local_link"], source) if "local_link" in data else None,
                    layers=tuple(layers) if layers is not None else None, **times)
 
 
-def _positive(value, what):
+# Bounds of a profile's numbers: far beyond any real cluster, close enough that the splits'
+# arithmetic stays in floating range (speeds of 1e308 overflowed it to NaN).
+SPEED_RANGE = (1e-3, 1e3)            # relative speed: a ratio of a million between devices
+MEMORY_MAX = 10 ** 18                # bytes: an exabyte per device
+LATENCY_MS_MAX = 1e5                 # 100 s one way
+BANDWIDTH_MBIT_RANGE = (1e-3, 1e7)   # 1 kbit/s .. 10 Tbit/s
+TIME_MS_MAX = 1e6                    # layer_ms, classifier_ms: 1000 s per token
+MAX_DEVICES = 1024                   # the planner's link matrices are devices x devices
+
+
+def _positive(value, what, low=0.0, high=None):
+    """A number in (0, high], or [low, high] when low > 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
             or not math.isfinite(value):
         raise DllmError(f"{what} must be a positive number, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise DllmError(f"{what} must be between {low:g} and {high:g}, got {value!r}")
     return float(value)
 
 
@@ -152,31 +167,30 @@ def _device(d, rank, source):
     if not isinstance(d, dict) or "memory" not in d:
         raise DllmError(f"{source}: device {rank} needs at least \"memory\", got {d!r}")
     name = str(d.get("name", f"rank{rank}"))
-    return Device(name, str(d.get("host", name)),
-                  parse_bytes(d["memory"], f"{source}: memory of {name}"),
-                  _positive(d.get("speed", 1.0), f"{source}: speed of {name}"))
+    memory = parse_bytes(d["memory"], f"{source}: memory of {name}")
+    if memory > MEMORY_MAX:
+        raise DllmError(f"{source}: memory of {name} must be at most {_mb(MEMORY_MAX)}, got "
+                        f"{d['memory']!r}")
+    return Device(name, str(d.get("host", name)), memory,
+                  _positive(d.get("speed", 1.0), f"{source}: speed of {name}", *SPEED_RANGE))
 
 
 def _link(entry, source):
     if not isinstance(entry, dict):
         raise DllmError(f"{source}: a link must be an object, got {entry!r}")
     latency = entry.get("latency_ms", 0.0)
-    if isinstance(latency, bool) or not isinstance(latency, (int, float)) or latency < 0:
-        raise DllmError(f"{source}: latency_ms must be a number >= 0, got {latency!r}")
-    bandwidth = _positive(entry.get("bandwidth_mbit_s"), f"{source}: bandwidth_mbit_s")
+    if isinstance(latency, bool) or not isinstance(latency, (int, float)) \
+            or not 0 <= latency <= LATENCY_MS_MAX:
+        raise DllmError(f"{source}: latency_ms must be a number in [0, {LATENCY_MS_MAX:g}], "
+                        f"got {latency!r}")
+    bandwidth = _positive(entry.get("bandwidth_mbit_s"), f"{source}: bandwidth_mbit_s",
+                          *BANDWIDTH_MBIT_RANGE)
     return Link(latency / 1e3, bandwidth * 1e6 / 8)
 
 
 def read_profile(path):
     """Profile from a JSON file (see docs/parallelism.md)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DllmError(f"profile not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DllmError(f"{path} is not JSON ({exc})") from None
-    return Profile.from_dict(data, str(path))
+    return Profile.from_dict(read_json(path, "profile"), str(path))
 
 
 def as_profile(profile):

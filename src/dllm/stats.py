@@ -4,7 +4,6 @@ Sync time is the time a rank spends inside collectives (Comm.stats); inference t
 rest of the lap. Each rank's per-token means are gathered to root and reported as the median
 over ranks, with min/median/max beside it.
 """
-import os
 import platform
 import socket
 import subprocess
@@ -111,35 +110,3 @@ def git_revision():
                               capture_output=True, text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def write_json_atomically(path, data):
-    """Write JSON to a temporary file beside `path`, flush it to disk, then rename it into
-    place: a crash or power loss at any moment leaves the old file or the new one whole."""
-    import json
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_folder(path.resolve().parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _fsync_folder(folder):
-    """Make a rename in `folder` durable (where the OS allows opening a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

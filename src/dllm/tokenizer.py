@@ -12,8 +12,8 @@ Root only: other ranks never touch text. Two kinds of serialized tokenizer (docs
 import json
 import re
 import struct
-from pathlib import Path
 
+from .checks import read_file
 from .errors import DllmError
 
 KINDS = ("sentencepiece", "tokenizers")
@@ -163,10 +163,7 @@ def read_tokenizer_file(path):
     """(kind, bytes) of a tokenizer file, its format told by its content: JSON ->
     "tokenizers"; a valid llama2.c tokenizer.bin -> converted to "sentencepiece"; anything
     else is taken as a SentencePiece proto (checked when loaded)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DllmError(f"tokenizer file not found: {path}")
-    blob = path.read_bytes()
+    blob = read_file(path, "tokenizer file", text=False)
     if blob[:1] == b"{":
         return "tokenizers", blob
     parsed = parse_llama2c_tokenizer(blob)

@@ -28,10 +28,11 @@ import sys
 import threading
 import time
 
+from .cli import FLUSH_SECONDS, end_output
+
 EXIT_CODE = 75          # EX_TEMPFAIL: the job may succeed if run again (resume it)
 PERIOD = 0.2            # seconds between looks at the main thread
 GRACE = 3.0             # seconds to wait for the other ranks' answers
-FLUSH_SECONDS = 1.0     # between the report and the abort
 PING, PONG = 1, 2       # control-channel tags
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_LOAD_TIMEOUT = 600.0
@@ -150,6 +151,7 @@ class Watchdog:
             self.inquiring = False   # a false alarm: everyone answers, nobody waits too long
             return
         reporter = min(r for r, s in replies.items() if s["inquiring"])
+        end_output()             # root's text ends its line before any report or banner
         if comm.rank == reporter:
             print(f"{self.prog}: error: {self.report(cause, replies, silent)}",
                   file=sys.stderr, flush=True)
@@ -159,6 +161,7 @@ class Watchdog:
             self._kill_local(silent)
             comm.abort(EXIT_CODE)
         time.sleep(2 * GRACE)    # the reporter's abort ends this process; if it does not:
+        end_output()
         comm.abort(EXIT_CODE)
 
     def report(self, cause, replies, silent):

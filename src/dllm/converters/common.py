@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ..errors import DllmError
-from ..modelfile import StoredTensor, tensor_shapes, write_model
+from ..modelfile import StoredTensor, count_non_finite, tensor_shapes, write_model
 from ..quant import Q40_BLOCK_BYTES
 from ..tokenizer import CHAT_TEMPLATES, Tokenizer, read_tokenizer_file
 
@@ -281,10 +281,42 @@ def _logical_shape(tensor):
     return shape
 
 
-def prepare(ckpt, quant):
-    """The checkpoint as it will be written: shapes checked against the config, hidden size
-    padded, unblockable matrices f32."""
-    return keep_unblocked_f32(pad_hidden(check_shapes(ckpt)), quant)
+def refuse_nonfinite(ckpt):
+    """Each tensor checked, block by block as it is read, for NaN and infinite values (of a
+    stored Q4_0 tensor: its scales): Q4_0 would quietly turn a NaN into some finite value,
+    and a float32 NaN would be refused only when the model loads. Raises DllmError naming
+    the checkpoint's tensor and the row."""
+    source_tensors = ckpt.tensors
+
+    def tensors():
+        for name, tensor in source_tensors():
+            yield name, _finite_checked(tensor, ckpt.source_names.get(name, name))
+    return replace(ckpt, tensors=tensors)
+
+
+def _finite_checked(tensor, source_name):
+    stored = isinstance(tensor, StoredTensor)
+    lazy = _lazy(tensor.data if stored else tensor if hasattr(tensor, "shape")
+                 else np.asarray(tensor))
+
+    def read(a, b):
+        block = lazy[a:b]
+        if count_non_finite(block):
+            raise DllmError(f"checkpoint tensor {source_name} holds NaN or infinite values "
+                            f"in rows {a}..{b - 1}: refusing to convert a damaged "
+                            f"checkpoint (--allow-nonfinite converts it anyway)")
+        return block
+    checked = LazyTensor(lazy.shape, read, lazy.source, lazy.dtype)
+    return StoredTensor(checked, tensor.quant, tensor.source) if stored else checked
+
+
+def prepare(ckpt, quant, allow_nonfinite=False):
+    """The checkpoint as it will be written: shapes checked against the config, values
+    checked finite (unless allow_nonfinite), hidden size padded, unblockable matrices f32."""
+    ckpt = check_shapes(ckpt)
+    if not allow_nonfinite:
+        ckpt = refuse_nonfinite(ckpt)
+    return keep_unblocked_f32(pad_hidden(ckpt), quant)
 
 
 def write_checkpoint(ckpt, out, quant, progress=False):
@@ -301,8 +333,6 @@ def write_checkpoint(ckpt, out, quant, progress=False):
                            tokenizer=ckpt.tokenizer, metadata=ckpt.metadata, attrs=ckpt.attrs,
                            tokenizer_attrs=tokenizer_attrs if ckpt.tokenizer else None,
                            on_tensor=progress)
-    except OSError as exc:
-        raise DllmError(f"cannot write {out}: {exc.strerror or exc}") from None
     finally:
         if ckpt.close is not None:
             ckpt.close()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checks import read_json
 from ..config import ModelConfig
 from ..errors import DllmError
 from ..tokenizer import Tokenizer, detect_chat_template
@@ -75,8 +76,10 @@ def read_hf(folder):
 
 def hf_config(folder):
     """(ModelConfig, warnings) of config.json."""
+    cfg = read_json(folder / "config.json", "config.json")
+    if not isinstance(cfg, dict):
+        raise DllmError(f"{folder}/config.json is not a JSON object")
     try:
-        cfg = json.loads((folder / "config.json").read_text())
         if cfg.get("model_type") not in ("llama", "mistral"):
             raise DllmError(f"{folder}: model_type {cfg.get('model_type')!r} is not a Llama "
                             f"model (dllm converts llama and mistral)")
@@ -102,8 +105,8 @@ def hf_config(folder):
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             bos_id=_first(cfg.get("bos_token_id"), 1), eos_id=_first(cfg.get("eos_token_id"), 2),
             **rope_scaling(cfg.get("rope_scaling") or rope, folder))
-    except (OSError, ValueError) as exc:
-        raise DllmError(f"{folder}/config.json cannot be read: {exc}") from None
+    except (TypeError, ValueError, AttributeError) as exc:   # values of the wrong type
+        raise DllmError(f"{folder}/config.json holds a value dllm cannot use: {exc}") from None
     except KeyError as exc:
         raise DllmError(f"{folder}/config.json lacks {exc}") from None
     return config.check(), notes
@@ -195,9 +198,9 @@ class SafetensorsFolder:
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise DllmError(f"{index} cannot be read: {exc}") from None
+                weight_map = dict(read_json(index, "safetensors index")["weight_map"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise DllmError(f"{index} has no weight_map of file names ({exc})") from None
             paths = sorted({folder / f for f in weight_map.values()})
             missing = [p.name for p in paths if not p.is_file()]
             if missing:
