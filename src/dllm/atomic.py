@@ -17,6 +17,21 @@ from pathlib import Path
 from .errors import DllmError
 
 
+# Interrupts whose exception may have been swallowed: a signal handler's raise that lands in
+# a weakref callback or a __del__ is only printed by Python, and the write would go on to its
+# rename. replacing checks here before it renames.
+_pending_interrupts = []
+
+
+def interrupted(exc):
+    """Record an interrupt (a signal handler calls this, then raises exc); None forgets those
+    recorded (when the command that caught them has ended)."""
+    if exc is None:
+        _pending_interrupts.clear()
+    else:
+        _pending_interrupts.append(exc)
+
+
 def temporary_path(path, pid=None):
     """Where `path` is written before the rename: .NAME.tmp-PID beside it."""
     path = Path(path)
@@ -35,6 +50,8 @@ def replacing(path):
     tmp = temporary_path(target)
     try:
         yield tmp
+        if _pending_interrupts:
+            raise _pending_interrupts[0]
         _fsync(tmp)
         os.replace(tmp, target)
     except OSError as exc:

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 
+from .atomic import interrupted
 from .cli import ArgumentParser
 from .converters import FORMATS, open_checkpoint
 from .converters.common import error_table, prepare, with_tokenizer, write_checkpoint
@@ -111,6 +112,7 @@ def main(argv=None):
               file=sys.stderr, flush=True)
         return 143 if isinstance(exc, Terminated) else 130   # 128 + SIGTERM / SIGINT
     finally:
+        interrupted(None)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
@@ -123,6 +125,7 @@ def _catch_sigterm():
 
     def terminated(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # let the cleanup finish
+        interrupted(Terminated())       # stops the rename even if this raise is swallowed
         raise Terminated
     return signal.signal(signal.SIGTERM, terminated)
 
