@@ -106,7 +106,7 @@ def main():
         for n in nodes:
             peer = results[(model.name, "peer", n, 1)]
             rows = [(f"{n} x 1", results[(model.name, "dllm", n, 1)])]
-            if (model.name, "dllm", 1, n) in results:
+            if n > 1 and (model.name, "dllm", 1, n) in results:
                 rows.append((f"1 x {n}", results[(model.name, "dllm", 1, n)]))
             for label, dllm in rows:
                 cells = []

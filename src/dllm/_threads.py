@@ -34,9 +34,11 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
              "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
     os.environ[_var] = str(THREADS)
 os.environ.setdefault("NUMEXPR_MAX_THREADS", str(max(THREADS, os.cpu_count() or 1)))
-# numba's OpenMP layer keeps its workers spinning after each parallel loop, on the cores that
-# OpenBLAS's threads need for the prefill gemm that follows; the workqueue layer's workers sleep.
-os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+# numba's threads: OpenMP first (its workqueue layer gave no speedup inside a model here), its
+# workers told to sleep rather than spin after each parallel loop, as spinning takes the cores
+# that OpenBLAS's threads need for the prefill gemm that follows.
+os.environ.setdefault("NUMBA_THREADING_LAYER_PRIORITY", "omp tbb workqueue")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def from_env():
