@@ -258,24 +258,18 @@ def targets(rows):
     found = []
     for row in rows:
         full = tuple(row.get("shape", ())) in SHAPES.values()
-        if row["kernel"] == "q40_gemv" and full:
-            found.append({"target": f"Q40 gemv {row['shape'][0]}x{row['shape'][1]} <= "
-                          f"{GEMV_MAX_RATIO:g}x f32 BLAS gemv",
-                          "measured": row["ratio_to_f32_blas"],
-                          "met": row["ratio_to_f32_blas"] <= GEMV_MAX_RATIO})
-            found.append({"target": f"Q40 gemv {row['shape'][0]}x{row['shape'][1]} holds <= "
-                          f"{MAX_BYTES_PER_WEIGHT} bytes/weight (scratch counted)",
-                          "measured": row["peak_bytes_per_weight"],
-                          "met": row["peak_bytes_per_weight"] <= MAX_BYTES_PER_WEIGHT})
-        if row["kernel"] == "q40_gemv" and full and "fast_ms" in row:
-            found.append({"target": f"fast gemv {row['shape'][0]}x{row['shape'][1]} <= "
-                          f"{FAST_GEMV_MAX_RATIO:g}x f32 BLAS gemv",
-                          "measured": row["fast_ratio_to_f32_blas"],
-                          "met": row["fast_ratio_to_f32_blas"] <= FAST_GEMV_MAX_RATIO})
-            found.append({"target": f"fast gemv {row['shape'][0]}x{row['shape'][1]} holds <= "
-                          f"{MAX_BYTES_PER_WEIGHT} bytes/weight (scratch counted)",
-                          "measured": row["fast_peak_bytes_per_weight"],
-                          "met": row["fast_peak_bytes_per_weight"] <= MAX_BYTES_PER_WEIGHT})
+        for prefix, name, max_ratio in (("", "Q40", GEMV_MAX_RATIO),
+                                        ("fast_", "fast", FAST_GEMV_MAX_RATIO)):
+            if row["kernel"] != "q40_gemv" or not full or f"{prefix}peak_bytes_per_weight" \
+                    not in row:
+                continue
+            shape = f"{row['shape'][0]}x{row['shape'][1]}"
+            ratio, held = row[f"{prefix}ratio_to_f32_blas"], row[f"{prefix}peak_bytes_per_weight"]
+            found.append({"target": f"{name} gemv {shape} <= {max_ratio:g}x f32 BLAS gemv",
+                          "measured": ratio, "met": ratio <= max_ratio})
+            found.append({"target": f"{name} gemv {shape} holds <= {MAX_BYTES_PER_WEIGHT} "
+                          f"bytes/weight (scratch counted)",
+                          "measured": held, "met": held <= MAX_BYTES_PER_WEIGHT})
         if row["kernel"] == "q40_gemm" and row["T"] == PREFILL_T:
             found.append({"target": f"Q40 gemm {row['shape'][0]}x{row['shape'][1]} T={PREFILL_T} "
                           f">= {PREFILL_MIN_FRACTION:.0%} of the f32 BLAS gemm rate",

@@ -57,6 +57,7 @@ class NumpyKernels:
         return w
 
     def quantize_input(self, x):
+        """x (T, n) float32, as every matmul of this backend takes it."""
         return x
 
     def matmul(self, x, w):

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import DllmError
 from .backend import make as make_kernels
+from .errors import DllmError
 from .kernels import attention, rmsnorm, rope, rope_tables, swiglu
 from .quant import dequantize_q40
 from .shard import slice_sizes
