@@ -341,7 +341,7 @@ def print_summary(r, file):
     layout = ("pipeline" if c["sync_scheme"] == "pipeline"
               else f"tensor-parallel ({c['sync_scheme']})")
     out = [f"--- {PROG}: {c['world_size']} rank(s) {layout}, sync {c['sync']}, weights "
-           f"{c['quant']}, {c['threads_per_rank']} thread(s) per rank",
+           f"{c['quant']}, {c['kernels']} kernels, {c['threads_per_rank']} thread(s) per rank",
            f"prompt tokens     {r['prompt_tokens']:6d}   prefill "
            f"{_rate(r['prefill_tokens_per_s'])} tokens/s",
            f"generated tokens  {r['generated_tokens']:6d}   decode  "
