@@ -26,8 +26,13 @@ def _parse(value, what):
     return n
 
 
+def from_env():
+    """DLLM_THREADS, checked (1 when unset)."""
+    return _parse(os.environ.get("DLLM_THREADS") or 1, "DLLM_THREADS")
+
+
 try:
-    THREADS = _parse(os.environ.get("DLLM_THREADS") or 1, "DLLM_THREADS")
+    THREADS = from_env()
 except DllmError:
     THREADS = 1     # reported by the first use() (load checks it again), never at import
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
@@ -41,14 +46,10 @@ os.environ.setdefault("NUMBA_THREADING_LAYER_PRIORITY", "omp tbb workqueue")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def from_env():
-    """DLLM_THREADS, checked (1 when unset)."""
-    return _parse(os.environ.get("DLLM_THREADS") or 1, "DLLM_THREADS")
-
-
 def use(n=None):
-    """Give this rank n compute threads (None: DLLM_THREADS or 1): BLAS (threadpoolctl),
-    numexpr and, when loaded, numba's parallel kernels. Returns n."""
+    """Give this rank n compute threads (None: DLLM_THREADS or 1) in BLAS (threadpoolctl)
+    and numexpr; returns n. numba's pool is sized by the fast backend, which is the only one
+    that imports numba (dllm.backend.FastKernels)."""
     global THREADS
     n = from_env() if n is None else _parse(n, "--threads")
     if n != THREADS:

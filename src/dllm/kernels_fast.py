@@ -54,6 +54,7 @@ class Q40Packed:
         self.codes, self.scales = codes, scales
         self.tail_codes, self.tail_scales = tail_codes, tail_scales
         self.main_rows = codes.shape[0] * GROUP_ROWS
+        self.padded_rows = self.main_rows + tail_codes.shape[0] * TAIL_ROWS  # kernels' output
 
     @property
     def nbytes(self):
@@ -200,7 +201,7 @@ def gemv_q40_q80(xq, w, threads=1):
     if xq.lo.shape[0] * 32 != w.n:
         raise ValueError(f"input width {xq.lo.shape[0] * 32} does not match a Q4_0 matrix "
                          f"of {w.n} columns")
-    out = np.empty(w.main_rows + w.tail_codes.shape[0] * TAIL_ROWS, np.float32)
+    out = np.empty(w.padded_rows, np.float32)
     operands = (xq.lo, xq.diff, xq.offset, xq.scale)
     groups = w.codes.shape[0]
     if threads > 1 and groups >= threads:
@@ -256,7 +257,7 @@ def gemm_q40(x, w, threads=1):
     if n != w.n:
         raise ValueError(f"input width {n} does not match a Q4_0 matrix of {w.n} columns")
     x_t = np.ascontiguousarray(x, np.float32).T                          # (n, T)
-    out_t = np.empty((w.main_rows + w.tail_codes.shape[0] * TAIL_ROWS, T), np.float32)
+    out_t = np.empty((w.padded_rows, T), np.float32)
     tile_rows = PREFILL_TILE_ROWS * threads      # a group of rows per thread and tile at least
     scratch = np.empty(n * tile_rows, np.float32)
     for codes, scales, R, base in ((w.codes, w.scales, GROUP_ROWS, 0),

@@ -124,10 +124,11 @@ class Model:
             att = attention(q, k_cache, v_cache, pos, self.head_kv)   # (T, local heads * hd)
             if self.scheme == "slices":
                 att = comm.allgather_slices(att, self.exchange_attention)  # Allgather -> (T, dim)
-                o = self.mm(self.kernels.quantize_input(att), w["wo"])                                  # (T, local dim rows)
+                o = self.mm(self.kernels.quantize_input(att), w["wo"])     # (T, local dim rows)
                 x = x + comm.allgather_slices(o, self.exchange_dim)        # Allgather; residual
             else:  # wo row-parallel: this rank's heads are its input columns
-                x = x + self.sum_partials(self.mm(self.kernels.quantize_input(att), w["wo"]))           # (T, dim); residual
+                o = self.mm(self.kernels.quantize_input(att), w["wo"])     # (T, dim) partial
+                x = x + self.sum_partials(o)                               # (T, dim); residual
 
             # feed-forward block: this rank's hidden units
             xb = self.kernels.quantize_input(rmsnorm(x, w["ffn_norm"], eps))
@@ -137,7 +138,8 @@ class Model:
                 f = self.mm(self.kernels.quantize_input(h), w["w2"])   # (T, local dim rows)
                 x = x + comm.allgather_slices(f, self.exchange_dim)    # Allgather; residual
             else:  # w2 row-parallel: this rank's hidden units are its input columns
-                x = x + self.sum_partials(self.mm(self.kernels.quantize_input(h), w["w2"]))
+                f = self.mm(self.kernels.quantize_input(h), w["w2"])   # (T, dim) partial
+                x = x + self.sum_partials(f)                           # (T, dim); residual
 
         self.state.residual = x
         result = None

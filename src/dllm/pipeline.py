@@ -39,7 +39,8 @@ import numpy as np
 from .backend import make as make_kernels
 from .errors import DllmError
 from .kernels import attention, rmsnorm, rope, rope_tables, swiglu
-from .model import LAYER_MATRICES, ForwardRecord, check_prompt, prepare_matrices, prepare_weight
+from .model import (LAYER_MATRICES, ForwardRecord, check_prompt, prepare_matrices,
+                    prepare_weight)
 from .quant import dequantize_q40
 from .shard import block_split
 from .sync import SliceExchange
