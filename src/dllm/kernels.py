@@ -9,7 +9,7 @@ import math
 import numexpr
 import numpy as np
 
-from .quant import Q40_BLOCK_BYTES, dequantize_q40
+from .quant import Q40_BLOCK_BYTES, dequantize_q40, quantize_q80
 
 # Prefill: two Q4_0 code bytes read as one little-endian uint16 -> their four 4-bit codes
 # minus 8: [low nibble of byte 0, its high nibble, low of byte 1, its high] = elements (j, j+16,
@@ -113,7 +113,6 @@ def matmul_q40_q80_ref(x, w_q40):
     quantize_row_q8_0), each block's dot product of the 4-bit codes minus 8 and the 8-bit
     codes is an exact integer, scaled by both f16 scales; summed over blocks in float64.
     Returns (T, rows) float32."""
-    from .quant import quantize_q80
     rows, row_bytes = w_q40.shape
     nb = row_bytes // Q40_BLOCK_BYTES
     w_blocks = w_q40.reshape(rows, nb, Q40_BLOCK_BYTES)
