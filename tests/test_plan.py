@@ -19,7 +19,8 @@ from dllm.generate import default_model
 from dllm.plan import (CostModel, Plan, baseline_note, check_table, crowding_distance,
                        greedy_memory_plan, min_latency_plan, nondominated_sort, nsga2, recommend,
                        search)
-from dllm.profile import Profile, stage_bytes
+from dllm.placement import stage_bytes
+from dllm.profile import Profile
 
 from test_cli import TIMEOUT, mpirun_command
 

@@ -298,10 +298,11 @@ def _finite_checked(tensor, source_name):
     stored = isinstance(tensor, StoredTensor)
     lazy = _lazy(tensor.data if stored else tensor if hasattr(tensor, "shape")
                  else np.asarray(tensor))
+    kind = tensor.quant if stored else "f32"
 
     def read(a, b):
         block = lazy[a:b]
-        if count_non_finite(block):
+        if count_non_finite(block, kind):
             raise DllmError(f"checkpoint tensor {source_name} holds NaN or infinite values "
                             f"in rows {a}..{b - 1}: refusing to convert a damaged "
                             f"checkpoint (--allow-nonfinite converts it anyway)")
