@@ -10,7 +10,7 @@ import sys
 from collections import OrderedDict
 
 from .cli import ArgumentParser
-from .errors import DllmError
+from .errors import DllmError, exit_status
 from .modelfile import ModelFile, tensor_shapes
 from .placement import entries_bytes, kv_bytes, tensor_entries
 from .shard import SCHEMES, plan
@@ -38,7 +38,7 @@ def main(argv=None):
             print(describe(mf, args.ranks, args.sync_scheme, args.max_seq_len))
     except DllmError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        return exit_status(exc)
     except BrokenPipeError:
         return 0
     return 0
@@ -47,8 +47,8 @@ def main(argv=None):
 def describe(mf, ranks=None, scheme="slices", max_seq_len=None):
     """The whole report as text."""
     c = mf.config
-    lines = [f"model       {mf.path} ({_size(mf.path.stat().st_size)}), dllm format v1, "
-             f"matrices {mf.quant}",
+    lines = [f"model       {mf.path} ({_size(mf.path.stat().st_size)}), dllm format "
+             f"v{mf.version}, matrices {mf.quant}",
              f"config      dim {c.dim}, hidden {c.hidden_dim}, layers {c.n_layers}, heads "
              f"{c.n_heads} (kv {c.n_kv_heads}, head_dim {c.head_dim}), vocab {c.vocab_size}",
              f"            context {c.max_seq_len}, rope theta {c.rope_theta:g}"

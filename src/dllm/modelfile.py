@@ -88,6 +88,16 @@ class StoredTensor:
 
 
 @dataclass(frozen=True)
+class QuantizeTo:
+    """A tensor of float values (an array, or a LazyTensor read by row blocks) that
+    write_model stores as weight type `quant`, whatever the file's default; source: the
+    type it came from, for the report ("BF16", "Q6_K")."""
+    data: object
+    quant: str
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class TensorReport:
     """What write_model did with one tensor: stored type, source type and the error of the
     stored values against the source's (max |error| and rms error; None when copied)."""
@@ -102,14 +112,13 @@ class TensorReport:
 
 
 def write_model(path, config, tensors, quant="q40", tokenizer=None, metadata=None,
-                attrs=None, tokenizer_attrs=None, on_tensor=None, overrides=None):
+                attrs=None, tokenizer_attrs=None, on_tensor=None):
     """Write a model file atomically (dllm.atomic.replacing: the old file or the new one, whole).
 
     tensors: iterable of (name, tensor), each name of ``tensor_shapes(config)`` exactly once,
     in any order; a tensor is a float array of the logical shape (or any object with .shape
     that returns float rows when sliced, read a block of rows at a time) quantized to
-    `quant` (overrides: {name: type} for some, e.g. the classifier), or a StoredTensor
-    written as is. Tensors are consumed one at a time and
+    `quant`, a QuantizeTo stored as its own type, or a StoredTensor written as is. Tensors are consumed one at a time and
     read in row blocks, so memory stays bounded. tokenizer: (kind, bytes) or None;
     tokenizer_attrs: extra attributes of the tokenizer dataset (chat_template).
     metadata: extra string attributes (source, converter options), stored as meta_<key>;
@@ -145,8 +154,7 @@ def write_model(path, config, tensors, quant="q40", tokenizer=None, metadata=Non
                     raise ValueError(f"unexpected tensor {name}")
                 if name in written:
                     raise ValueError(f"tensor {name} given twice")
-                kind = (overrides or {}).get(name, quant)
-                reports.append(_write_tensor(f, name, array, shapes[name], kind))
+                reports.append(_write_tensor(f, name, array, shapes[name], quant))
                 written.add(name)
                 if on_tensor is not None:
                     on_tensor(len(reports), len(shapes), reports[-1])
@@ -160,6 +168,9 @@ def write_model(path, config, tensors, quant="q40", tokenizer=None, metadata=Non
 def _write_tensor(f, name, array, shape, quant):
     if isinstance(array, StoredTensor):
         return _write_stored(f, name, array, shape)
+    source = None
+    if isinstance(array, QuantizeTo):
+        array, quant, source = array.data, array.quant, array.source or None
     if not hasattr(array, "shape") or not hasattr(array, "__getitem__"):
         array = np.asarray(array)
     if tuple(array.shape) != shape:
@@ -186,7 +197,8 @@ def _write_tensor(f, name, array, shape, quant):
             ds[r0:r0 + rows_per_step] = chunk
     _tensor_attrs(ds, kind, shape)
     size = math.prod(shape)
-    source = getattr(array, "source", None) or array.dtype.name.upper().replace("FLOAT", "F")
+    source = source or getattr(array, "source", None) or \
+        array.dtype.name.upper().replace("FLOAT", "F")
     report = TensorReport(name, shape, kind, source, ds.id.get_storage_size(), max_err,
                           math.sqrt(sq_err / size), math.sqrt(sq_sum / size))
     if kind != "f32":

@@ -192,8 +192,26 @@ def _link(entry, source):
 
 
 def read_profile(path):
-    """Profile from a JSON file (see docs/parallelism.md)."""
-    return Profile.from_dict(read_json(path, "profile"), str(path))
+    """Profile from a JSON file (see docs/parallelism.md): a profile, or the plans file that
+    dllm.plan search writes, whose first recommended plan it then is (PLANS.json#N: plan N
+    of its front), its devices in the plan's chain order and its layers fixed."""
+    path, _, index = str(path).partition("#")
+    data = read_json(path, "profile")
+    if not (isinstance(data, dict) and data.get("kind") == "plans"):
+        if index:
+            raise DllmError(f"{path}: #{index} chooses a plan of a plans file (dllm.plan "
+                            f"search -o), and this is a profile")
+        return Profile.from_dict(data, path)
+    front = data.get("front") or []
+    try:
+        n = int(index) if index else (data.get("recommended") or [0])[0]
+        plan = front[n]
+    except (ValueError, IndexError, TypeError):
+        raise DllmError(f"{path}: no plan {index or 0} among the {len(front)} of its front "
+                        f"(PLANS.json#N, N from 0)") from None
+    if not isinstance(plan, dict) or "profile" not in plan:
+        raise DllmError(f"{path}: plan {n} has no profile: rerun dllm.plan search")
+    return Profile.from_dict(plan["profile"], f"{path}#{n}")
 
 
 def as_profile(profile):
