@@ -27,7 +27,8 @@ import numpy as np
 
 from .backend import make as make_kernels
 from .errors import DllmError
-from .kernels import attention, rmsnorm, rope, rope_tables, swiglu
+from .kernels import rmsnorm, rope, rope_tables, swiglu
+from .kvcache import ContiguousStep
 from .quant import dequantize_q40
 from .shard import slice_sizes
 from .sync import SliceExchange
@@ -93,19 +94,25 @@ class Model:
         self.state = RunState(np.zeros(cache_shape, np.float32), np.zeros(cache_shape, np.float32))
 
     # --- the forward pass ---------------------------------------------------------------
-    def forward(self, tokens, pos, logits="last"):
+    def forward(self, tokens, pos, logits="last", step=None):
         """Run tokens (T,) at positions pos..pos+T-1 through the model, filling the KV cache.
 
         Every rank calls with the same tokens. logits: "last" (1, vocab), "all" (T, vocab) or
         None; returned on root (float32), None on other ranks and when logits is None.
+        step: where the rows' keys and values live (dllm.kvcache); None is this model's
+        contiguous cache of one sequence. A kvcache.PagedStep carries rows of many sequences
+        at their own positions (pos unused); its logits are the rows it names.
         """
         c, shard, comm, eps = self.config, self.shard, self.comm, self.config.norm_eps
         T, hd = len(tokens), c.head_dim
-        if pos + T > self.max_seq_len:
-            raise DllmError(f"sequence of {pos + T} tokens exceeds the context of "
-                            f"{self.max_seq_len}")
+        if step is None:
+            if pos + T > self.max_seq_len:
+                raise DllmError(f"sequence of {pos + T} tokens exceeds the context of "
+                                f"{self.max_seq_len}")
+            step = ContiguousStep(self.state, pos, T, self.head_kv, self.kernels)
+        kernels = step.kernels
         started, before = time.perf_counter(), comm.stats.snapshot()
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        cos, sin = self.rope_cos[step.positions], self.rope_sin[step.positions]
 
         x = np.empty((T, c.dim), dtype=np.float32)                  # residual stream
         if comm.is_root:
@@ -113,43 +120,44 @@ class Model:
         comm.bcast_array(x)                                          # Bcast x
 
         for layer, w in enumerate(self.layers):
-            k_cache, v_cache = self.state.k_cache[layer], self.state.v_cache[layer]
+            mm = kernels.matmul
             # attention block: this rank's query heads and the kv heads they read
-            xb = self.kernels.quantize_input(rmsnorm(x, w["attention_norm"], eps))
-            q = rope(self.mm(xb, w["wq"]).reshape(T, shard.n_heads, hd), cos, sin)
-            k = rope(self.mm(xb, w["wk"]).reshape(T, shard.n_kv_heads, hd), cos, sin)
-            v = self.mm(xb, w["wv"]).reshape(T, shard.n_kv_heads, hd)
-            k_cache[:, pos:pos + T] = k.transpose(1, 0, 2)
-            v_cache[:, pos:pos + T] = v.transpose(1, 0, 2)
-            att = attention(q, k_cache, v_cache, pos, self.head_kv)   # (T, local heads * hd)
+            xb = kernels.quantize_input(rmsnorm(x, w["attention_norm"], eps))
+            q = rope(mm(xb, w["wq"]).reshape(T, shard.n_heads, hd), cos, sin)
+            k = rope(mm(xb, w["wk"]).reshape(T, shard.n_kv_heads, hd), cos, sin)
+            v = mm(xb, w["wv"]).reshape(T, shard.n_kv_heads, hd)
+            step.write(layer, k, v)                                   # into the KV cache
+            att = step.attend(layer, q)                               # (T, local heads * hd)
             if self.scheme == "slices":
                 att = comm.allgather_slices(att, self.exchange_attention)  # Allgather -> (T, dim)
-                o = self.mm(self.kernels.quantize_input(att), w["wo"])     # (T, local dim rows)
+                o = mm(kernels.quantize_input(att), w["wo"])               # (T, local dim rows)
                 x = x + comm.allgather_slices(o, self.exchange_dim)        # Allgather; residual
             else:  # wo row-parallel: this rank's heads are its input columns
-                o = self.mm(self.kernels.quantize_input(att), w["wo"])     # (T, dim) partial
+                o = mm(kernels.quantize_input(att), w["wo"])               # (T, dim) partial
                 x = x + self.sum_partials(o)                               # (T, dim); residual
 
             # feed-forward block: this rank's hidden units
-            xb = self.kernels.quantize_input(rmsnorm(x, w["ffn_norm"], eps))
-            h = swiglu(self.mm(xb, w["w1"]), self.mm(xb, w["w3"]))     # (T, local hidden)
+            xb = kernels.quantize_input(rmsnorm(x, w["ffn_norm"], eps))
+            h = swiglu(mm(xb, w["w1"]), mm(xb, w["w3"]))               # (T, local hidden)
             if self.scheme == "slices":
                 h = comm.allgather_slices(h, self.exchange_hidden)     # Allgather -> (T, hidden)
-                f = self.mm(self.kernels.quantize_input(h), w["w2"])   # (T, local dim rows)
+                f = mm(kernels.quantize_input(h), w["w2"])             # (T, local dim rows)
                 x = x + comm.allgather_slices(f, self.exchange_dim)    # Allgather; residual
             else:  # w2 row-parallel: this rank's hidden units are its input columns
-                f = self.mm(self.kernels.quantize_input(h), w["w2"])   # (T, dim) partial
+                f = mm(kernels.quantize_input(h), w["w2"])             # (T, dim) partial
                 x = x + self.sum_partials(f)                           # (T, dim); residual
 
         self.state.residual = x
         result = None
         if logits is not None:
-            final = rmsnorm(x if logits == "all" else x[-1:], self.weights["norm"], eps)
-            local_logits = self.mm(self.kernels.quantize_input(final),
-                                   self.weights["output"])              # (rows, local vocab)
+            rows, head = step.logit_rows(logits)
+            final = rmsnorm(x[rows], self.weights["norm"], eps)
+            local_logits = head.matmul(head.quantize_input(final),
+                                       self.weights["output"])          # (rows, local vocab)
             result = comm.gather_rows(local_logits, self.vocab_widths)  # Gather -> root
         spent = comm.stats.since(before)
-        self.state.trace.append(ForwardRecord(T, pos, time.perf_counter() - started,
+        self.state.trace.append(ForwardRecord(T, int(step.positions[0]),
+                                              time.perf_counter() - started,
                                               spent.sync_seconds, spent.bytes_sent,
                                               spent.bytes_received))
         return result
