@@ -104,7 +104,7 @@ def start_server(args, model, pool):
     metrics = Metrics()
     scheduler = Scheduler(pool.n_blocks, model.max_seq_len, model.prefill_chunk,
                           args.max_running, args.max_queue, args.prefill_tokens,
-                          eos_id=model.tokenizer.eos_id, block_size=pool.block_size,
+                          block_size=pool.block_size,
                           metrics=metrics)
     name, jinja = stored_chat_template(model.path)
     state = ServerState(scheduler, model.tokenizer, ChatFormat(model.tokenizer, name, jinja),

@@ -230,7 +230,8 @@ async def completions(state, request):
         raise ApiError(400, "'max_tokens' 0 asks for nothing unless 'echo' is true",
                        param="max_tokens")
     job = Job(state, "text_completion", prompt_ids, max_tokens, sampling(body),
-              stop_strings(body), logprobs, echo, state.scheduler.eos_id)
+              stop_strings(body), logprobs, echo,
+              set() if flag(body, "ignore_eos") else {state.tokenizer.eos_id})
     return await job.respond(request, flag(body, "stream"), include_usage(body))
 
 
@@ -249,7 +250,8 @@ async def chat_completions(state, request):
     max_tokens = number({"max_tokens": limit}, "max_tokens", state.max_seq_len, 1,
                         integer=True)
     job = Job(state, "chat.completion", prompt_ids, max_tokens, sampling(body),
-              stop_strings(body), logprobs, False, state.chat.stop_ids)
+              stop_strings(body), logprobs, False,
+              set() if flag(body, "ignore_eos") else state.chat.stop_ids)
     return await job.respond(request, flag(body, "stream"), include_usage(body))
 
 
@@ -274,8 +276,7 @@ class Job:
         self.created = int(time.time())
         self.queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        self.stop_ids = frozenset(stop_ids if isinstance(stop_ids, (set, frozenset))
-                                  else {stop_ids} - {None})
+        self.stop_ids = frozenset(i for i in stop_ids if i is not None and i >= 0)
         self.seq = Sequence(list(prompt_ids), max_tokens, sampler,
                             lambda what, payload: loop.call_soon_threadsafe(
                                 self.queue.put_nowait, (what, payload)),

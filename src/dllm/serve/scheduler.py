@@ -48,7 +48,7 @@ class Sequence:
     max_tokens: int
     sampler: object
     emit: object
-    stop_ids: frozenset = frozenset()
+    stop_ids: frozenset = frozenset()   # ids that end the reply (EOS, end of turn)
     logprobs: int = None          # top alternatives per token (0: only the chosen), None: off
     echo_logprobs: bool = False   # log-probabilities of the prompt tokens too
     id: int = 0
@@ -71,12 +71,12 @@ class Scheduler:
     next_plan/complete from the engine (main) thread."""
 
     def __init__(self, n_blocks, max_seq_len, prefill_chunk, max_running, max_queue,
-                 prefill_tokens=None, eos_id=None, block_size=BLOCK_SIZE, metrics=None):
+                 prefill_tokens=None, block_size=BLOCK_SIZE, metrics=None):
         self.allocator = BlockAllocator(n_blocks)
         self.max_seq_len, self.prefill_chunk = max_seq_len, prefill_chunk
         self.max_running, self.max_queue = max_running, max_queue
         self.prefill_tokens = prefill_tokens or prefill_chunk
-        self.eos_id, self.block_size, self.metrics = eos_id, block_size, metrics
+        self.block_size, self.metrics = block_size, metrics
         self.waiting = collections.deque()
         self.running = []             # oldest first
         self.lock = threading.Condition()
@@ -228,7 +228,7 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.token(seq, now)
         seq.emit("token", (token, logprob, top))
-        if token == self.eos_id or token in seq.stop_ids:
+        if token in seq.stop_ids:
             self._finish(seq, "stop")
         elif len(seq.generated) >= seq.max_tokens or len(seq.tokens) >= self.max_seq_len:
             self._finish(seq, "length")
