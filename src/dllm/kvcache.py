@@ -125,9 +125,13 @@ class PagedStep:
     segments: [(block_table, start, n, logits)] in row order: n rows of one sequence at
     positions start..start+n-1 (its table already holds them); logits None (no logits),
     "last" (its last row) or "all" (every row, as Model.logits computes them).
+    merged: multiply all T rows as one block (one dequantization of the weights per
+    forward: the most tokens per second where compute binds, but a row's float32 rounding
+    then depends on the rows beside it); else each segment as it would be alone
+    (RowSegments: batching changes nothing).
     """
 
-    def __init__(self, pool, segments, head_kv, kernels):
+    def __init__(self, pool, segments, head_kv, kernels, merged=False):
         self.pool, self.segments, self.head_kv = pool, segments, head_kv
         B = pool.block_size
         self.positions = np.concatenate([np.arange(s, s + n) for _, s, n, _ in segments])
@@ -136,7 +140,7 @@ class PagedStep:
                                            for t, (_, s, n, _) in zip(tables, segments)])
         self.slot_offsets = self.positions % B
         lengths = [n for _, _, n, _ in segments]
-        self.kernels = RowSegments(kernels, lengths)
+        self.kernels = kernels if merged else RowSegments(kernels, lengths)
         rows, head_lengths, start = [], [], 0
         for _, _, n, logits in segments:
             if logits == "all":
@@ -147,7 +151,7 @@ class PagedStep:
                 head_lengths.append(1)
             start += n
         self._logit_rows = np.asarray(rows, np.int64)
-        self._head_kernels = RowSegments(kernels, head_lengths)
+        self._head_kernels = kernels if merged else RowSegments(kernels, head_lengths)
 
     def write(self, layer, k, v):
         """k, v (T, local kv heads, hd): row t into its block and offset."""

@@ -25,16 +25,16 @@ def make_pool(comm, model, kv_blocks=None, kv_memory=None, max_running=1,
     return BlockPool(c.n_layers, shard.n_kv_heads, c.head_dim, kv_blocks, block_size)
 
 
-def run(comm, model, pool, scheduler=None):
+def run(comm, model, pool, scheduler=None, merged=False):
     """Serve until root's scheduler says stop. Collective: every rank calls it, root with
-    its scheduler."""
+    its scheduler. merged: --batching fast (kvcache.PagedStep)."""
     while True:
         plan = scheduler.next_plan() if comm.is_root else None
         with comm.unbounded():       # idle waits for requests last as long as they last
             plan = comm.bcast_when_ready(plan)
         if plan is None:
             return
-        step = PagedStep(pool, plan.segments, model.head_kv, model.kernels)
+        step = PagedStep(pool, plan.segments, model.head_kv, model.kernels, merged)
         wants_logits = any(kind is not None for _, _, _, kind in plan.segments)
         logits = model.forward(plan.tokens, 0, logits="plan" if wants_logits else None,
                                step=step)
