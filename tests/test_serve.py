@@ -26,7 +26,7 @@ import pytest
 import dllm
 from dllm.backend import fast_available, make as make_kernels
 from dllm.comm import Comm
-from dllm.generate import default_model
+
 from dllm.kernels import attention
 from dllm.kvcache import BlockAllocator, BlockPool, PagedStep, paged_attention
 from dllm.serve.api import StopText
@@ -197,7 +197,7 @@ def test_stop_text_holds_back_a_possible_stop():
 def test_chat_template_rendered_with_specials():
     """A stored Jinja template (ChatML-like, Mistral-like) renders as Hugging Face does, and
     the special tokens in it become their ids, not text."""
-    tok = dllm.load(default_model(), Comm.self_comm()).tokenizer
+    tok = dllm.load(dllm.demo_model(), Comm.self_comm()).tokenizer
     mistral = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
                "{{ m['content'] }} [/INST]{% else %}{{ m['content'] }}{{ eos_token }}"
                "{% endif %}{% endfor %}")
@@ -286,7 +286,7 @@ def chat_model(tmp_path_factory):
     """The demo model with a Jinja chat template stored, as a converted HF model has."""
     import h5py
     path = tmp_path_factory.mktemp("serve") / "demo-chat.h5"
-    shutil.copy(default_model(), path)
+    shutil.copy(dllm.demo_model(), path)
     with h5py.File(path, "r+") as f:
         f["tokenizer"].attrs["chat_template_jinja"] = TEMPLATE
     return path
@@ -295,7 +295,7 @@ def chat_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference():
     """The demo model on one rank, f32 sync: what dllm.generate computes."""
-    return dllm.load(default_model(), Comm.self_comm(), sync="f32")
+    return dllm.load(dllm.demo_model(), Comm.self_comm(), sync="f32")
 
 
 @pytest.fixture(scope="module")
@@ -465,7 +465,7 @@ def test_small_pool_queue_limit_and_api_key(chat_model):
     server = Server(1, chat_model, "--max-seq-len", "64", "--kv-blocks", "4",
                     "--max-running", "3", "--max-queue", "2", "--api-key", "sesame")
     try:
-        reference = dllm.load(default_model(), Comm.self_comm(), sync="f32", max_seq_len=64)
+        reference = dllm.load(dllm.demo_model(), Comm.self_comm(), sync="f32", max_seq_len=64)
         assert server.request("/v1/models")[0] == 401
         assert server.request("/health")[0] == 200
         client = server.client(api_key="sesame")

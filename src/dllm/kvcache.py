@@ -1,7 +1,7 @@
 """KV caches behind Model.forward: the contiguous one of a single sequence, and a paged one
 (vLLM's PagedAttention, Kwon et al. 2023) shared by the many sequences of a server.
 
-Model.forward asks a *step* object for three things: the position of every row it carries
+Model.run_layers asks a *step* object for three things: the position of every row it carries
 (RoPE), where to write the rows' keys and values (`write`), and the attention of its query
 rows (`attend`); and the kernels that multiply its rows (`kernels`, see RowSegments).
 
@@ -27,26 +27,24 @@ BLOCK_SIZE = 16      # positions per block (vLLM's default)
 # --- the contiguous cache of one sequence (the reference) ---------------------------------
 
 class ContiguousStep:
-    """Rows pos..pos+T-1 of one sequence in the contiguous cache `state` (a RunState)."""
+    """Rows pos..pos+T-1 of one sequence in contiguous caches k_caches, v_caches (layers,
+    local kv heads, max_seq_len, head_dim), as Model.run_layers has always filled them."""
 
-    def __init__(self, state, pos, T, head_kv, kernels):
-        self.state, self.pos, self.T, self.head_kv = state, pos, T, head_kv
+    def __init__(self, k_caches, v_caches, pos, T, head_kv, kernels):
+        self.k_caches, self.v_caches = k_caches, v_caches
+        self.pos, self.T, self.head_kv = pos, T, head_kv
         self.positions = np.arange(pos, pos + T)
         self.kernels = kernels
 
     def write(self, layer, k, v):
         """k, v (T, local kv heads, hd) float32 into positions pos..pos+T-1."""
-        self.state.k_cache[layer][:, self.pos:self.pos + self.T] = k.transpose(1, 0, 2)
-        self.state.v_cache[layer][:, self.pos:self.pos + self.T] = v.transpose(1, 0, 2)
+        self.k_caches[layer][:, self.pos:self.pos + self.T] = k.transpose(1, 0, 2)
+        self.v_caches[layer][:, self.pos:self.pos + self.T] = v.transpose(1, 0, 2)
 
     def attend(self, layer, q):
         """q (T, local heads, hd) -> (T, local heads * hd), causal over the cache."""
-        return attention(q, self.state.k_cache[layer], self.state.v_cache[layer], self.pos,
+        return attention(q, self.k_caches[layer], self.v_caches[layer], self.pos,
                          self.head_kv)
-
-    def logit_rows(self, logits):
-        """(rows of x the classifier reads, the kernels that multiply them)."""
-        return (slice(None) if logits == "all" else slice(-1, None)), self.kernels
 
 
 # --- the paged cache ------------------------------------------------------------------------
@@ -168,7 +166,8 @@ class PagedStep:
             row += n
         return np.concatenate(out)
 
-    def logit_rows(self, logits):
+    def logit_rows(self):
+        """(rows of x the classifier reads, the kernels that multiply them)."""
         return self._logit_rows, self._head_kernels
 
 

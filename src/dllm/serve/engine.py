@@ -38,6 +38,5 @@ def run(comm, model, pool, scheduler=None, merged=False):
         wants_logits = any(kind is not None for _, _, _, kind in plan.segments)
         logits = model.forward(plan.tokens, 0, logits="plan" if wants_logits else None,
                                step=step)
-        model.state.trace.clear()    # a server's forwards never end: keep no record
         if comm.is_root:
             scheduler.complete(plan, logits)
