@@ -155,6 +155,19 @@ def test_preemption_gives_identical_tokens(model_dir):
     assert outputs == alone
 
 
+def test_full_context_ends_as_generate_does(model_dir):
+    path = make_model(model_dir, "mha", "q40")
+    model = dllm.load(path, Comm.self_comm(), sync="f32", prefill_chunk=16)
+    prompt = list(range(3, 3 + model.max_seq_len - 2))
+    alone = greedy_alone(model, prompt, 10)                  # the context ends it: 3 tokens
+    pool = BlockPool(2, model.shard.n_kv_heads, model.config.head_dim, 12, block_size=4)
+    scheduler = Scheduler(12, model.max_seq_len, 16, 2, 2, block_size=4)
+    outputs, events = submit(scheduler, [prompt], 10)
+    drive(model, scheduler, pool)
+    assert outputs[0] == alone and len(alone) == 3
+    assert events[0][-1] == ("done", "length")
+
+
 def test_echo_logprobs_equal_model_logits(model_dir):
     path = make_model(model_dir, "gqa", "q40")
     model = dllm.load(path, Comm.self_comm(), sync="f32", prefill_chunk=8)

@@ -230,7 +230,8 @@ class Scheduler:
         seq.emit("token", (token, logprob, top))
         if token in seq.stop_ids:
             self._finish(seq, "stop")
-        elif len(seq.generated) >= seq.max_tokens or len(seq.tokens) >= self.max_seq_len:
+        elif len(seq.generated) >= seq.max_tokens or len(seq.tokens) > self.max_seq_len:
+            # as generate_tokens: the last token sampled needs no place in the cache
             self._finish(seq, "length")
 
 
