@@ -12,6 +12,8 @@ The run's conditions record which ran (dllm.stats.conditions).
 """
 import os
 
+import numpy as np
+
 from . import _threads
 from .errors import DllmError
 from .weight_types import Matrix, weight_type
@@ -64,6 +66,14 @@ class NumpyKernels:
         """quantize_input(x) (T, n) times a prepared weight (rows, n), transposed."""
         return w.wtype.matmul(x, w.data)
 
+    def quantize_rows(self, x):
+        """x (K, n): K independent one-row inputs (K decoding sequences), for matmul_rows."""
+        return x
+
+    def matmul_rows(self, x, w):
+        """Each row of quantize_rows(x) times W as matmul does a T = 1 input -> (K, rows)."""
+        return np.concatenate([self.matmul(x[i:i + 1], w) for i in range(len(x))])
+
 
 class FastKernels:
     """numba kernels: Q4_0 weights repacked (kernels_fast.Q40Packed) and multiplied by Q8_0
@@ -93,6 +103,15 @@ class FastKernels:
 
     def matmul(self, x, w):
         return self.fast.matmul(x, w, self.threads)
+
+    def quantize_rows(self, x):
+        """x (K, n) -> every row as Q8_0 (as quantize_input does one row), for matmul_rows."""
+        return self.fast.Q80Rows(x)
+
+    def matmul_rows(self, x, w):
+        """Q80Rows times W: each row's arithmetic is the T = 1 decode kernel's, with the
+        weights read once for all K rows (kernels_fast.gemm_rows_q40_q80)."""
+        return self.fast.matmul_rows(x, w, self.threads)
 
 
 def make(name=None, threads=None):

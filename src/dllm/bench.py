@@ -71,6 +71,9 @@ def _main(comm, argv):
         return table_main(comm, argv[1:])
     if argv[:1] == ["compare"]:
         return compare_main(comm, argv[1:])
+    if argv[:1] == ["serve"]:       # a load generator for python -m dllm.serve
+        from .serve.loadgen import main as serve_main
+        return serve_main(comm, argv[1:])
     from .loading import load
     args = build_parser(comm.is_root).parse_args(argv)
     comm.from_root(check_paths, args)

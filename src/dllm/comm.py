@@ -10,6 +10,7 @@ sequence number, the MPI call and since when), so that the watchdog thread (dllm
 can tell a hang from a slow step; the watchdog talks to the other ranks' watchdogs over a
 duplicate communicator of its own (the control channel), never on the engine's.
 """
+import pickle
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -272,6 +273,25 @@ class Comm:
         obj = self.mpi.bcast(obj, root=0)
         self._end()
         return obj
+
+    def bcast_when_ready(self, obj, spin=1e-3, poll=5e-4):
+        """bcast of a small object that the other ranks may wait for a long time (a server's
+        next plan, while root waits for requests): after `spin` seconds they sleep `poll`
+        between tests instead of spinning a core that root's HTTP thread needs."""
+        size = np.zeros(1, np.int64)
+        blob = pickle.dumps(obj) if self.is_root else None
+        if self.is_root:
+            size[0] = len(blob)
+        start = self._begin("Ibcast")
+        request = self.mpi.Ibcast(size, root=0)
+        while not request.Test():
+            if time.perf_counter() - start > spin:
+                time.sleep(poll)
+        data = (np.frombuffer(blob, np.uint8).copy() if self.is_root
+                else np.empty(int(size[0]), np.uint8))
+        self.mpi.Bcast(data, root=0)
+        self._end()
+        return obj if self.is_root else pickle.loads(data.tobytes())
 
     def gather(self, obj):
         self._begin("gather")

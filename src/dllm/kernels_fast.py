@@ -214,6 +214,85 @@ def gemv_q40_q80(xq, w, threads=1):
     return out[None, :w.rows]
 
 
+# --- batched decode: K one-row inputs, weights read once -----------------------------------
+
+class Q80Rows:
+    """K independent (1, n) inputs (one decoding step of each of K sequences) as Q8_0, each
+    row exactly as Q80Input quantizes it alone; (K, nb, 16) lo/diff, (K, nb) offset/scale."""
+
+    def __init__(self, x):
+        self.rows = [quantize_input(x[t:t + 1]) for t in range(len(x))]
+        self.x = x
+        if x.shape[1] % 32:          # not a Q4_0 matmul's input: rows stay float32
+            return
+        self.lo = np.stack([r.lo for r in self.rows])
+        self.diff = np.stack([r.diff for r in self.rows])
+        self.offset = np.stack([r.offset for r in self.rows])
+        self.scale = np.stack([r.scale for r in self.rows])
+
+
+@njit(nogil=True, cache=True)
+def _gemm_rows_groups(codes, scales, g0, g1, lo, diff, offset, x_scale, out):
+    """out[t, (g - g0) * R + i] = row i of group g times input row t: for every row t the
+    very operations of _gemv_groups, in its order, while the group's block stays in cache."""
+    nb, R, K = codes.shape[1], codes.shape[3], lo.shape[0]
+    block_sum = np.empty(R, np.int16)
+    acc = np.empty((K, R), np.float32)
+    for g in range(g0, g1):
+        acc[:] = 0
+        for b in range(nb):
+            for t in range(K):
+                start = offset[t, b]
+                for i in range(R):
+                    block_sum[i] = start
+                for j in range(16):
+                    q, dq = lo[t, b, j], diff[t, b, j]
+                    for i in range(R):
+                        c = np.uint16(codes[g, b, j, i])
+                        block_sum[i] = np.int16(block_sum[i] + c * q + (c >> 4) * dq)
+                xd = x_scale[t, b]
+                for i in range(R):
+                    acc[t, i] += np.float32(block_sum[i]) * (F16_TO_F32[scales[g, b, i]] * xd)
+        for t in range(K):
+            for i in range(R):
+                out[t, (g - g0) * R + i] = acc[t, i]
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _gemm_rows_parallel(codes, scales, lo, diff, offset, x_scale, out, chunks):
+    G, R = codes.shape[0], codes.shape[3]
+    for c in prange(chunks):
+        g0, g1 = c * G // chunks, (c + 1) * G // chunks
+        _gemm_rows_groups(codes, scales, g0, g1, lo, diff, offset, x_scale,
+                          out[:, g0 * R:g1 * R])
+
+
+def gemm_rows_q40_q80(xq, w, threads=1):
+    """Q80Rows of x (K, n) times Q40Packed W (rows, n), transposed -> (K, rows) float32;
+    row t equals gemv_q40_q80 of row t alone, bit for bit."""
+    if xq.lo.shape[1] * 32 != w.n:
+        raise ValueError(f"input width {xq.lo.shape[1] * 32} does not match a Q4_0 matrix "
+                         f"of {w.n} columns")
+    out = np.empty((len(xq.lo), w.padded_rows), np.float32)
+    operands = (xq.lo, xq.diff, xq.offset, xq.scale)
+    groups = w.codes.shape[0]
+    if threads > 1 and groups >= threads:
+        _gemm_rows_parallel(w.codes, w.scales, *operands, out[:, :w.main_rows], threads)
+    elif groups:
+        _gemm_rows_groups(w.codes, w.scales, 0, groups, *operands, out[:, :w.main_rows])
+    if w.tail_codes.shape[0]:
+        _gemm_rows_groups(w.tail_codes, w.tail_scales, 0, w.tail_codes.shape[0], *operands,
+                          out[:, w.main_rows:])
+    return out[:, :w.rows]
+
+
+def matmul_rows(xq, w, threads=1):
+    """Q80Rows times W (Q40Packed or float32), each row as matmul multiplies it alone."""
+    if isinstance(w, Q40Packed):
+        return gemm_rows_q40_q80(xq, w, threads)
+    return np.concatenate([matmul(r, w, threads) for r in xq.rows])
+
+
 # --- decode: Q8_0 x Q8_0 matrix-vector (GGML's ggml_vec_dot_q8_0_q8_0) ---------------------
 
 @njit(nogil=True, cache=True)
@@ -345,6 +424,7 @@ def warm_up(threads=1):
         if T == 1:
             gemv_q80_q80(x, w_q80, threads)
             gemv_q80_q80(x, w_q80[:1], 1)
+    matmul_rows(Q80Rows(np.ones((2, 32), np.float32)), w, threads)
 
 
 def set_threads(n):

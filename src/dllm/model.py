@@ -32,7 +32,8 @@ import numpy as np
 
 from .backend import make as make_kernels
 from .errors import DllmError
-from .kernels import attention, rmsnorm, rope, rope_tables, swiglu
+from .kernels import rmsnorm, rope, rope_tables, swiglu
+from .kvcache import ContiguousStep
 from .modelfile import LAYER_MATRICES, NORMS
 from .shard import slice_sizes
 from .sync import SliceExchange
@@ -101,67 +102,78 @@ class Model:
         return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
 
     # --- the forward pass ---------------------------------------------------------------
-    def forward(self, tokens, pos, logits="last"):
+    def forward(self, tokens, pos, logits="last", step=None):
         """Run tokens (T,) at positions pos..pos+T-1 through the model, filling the KV cache.
 
         Every rank calls with the same tokens. logits: "last" (1, vocab), "all" (T, vocab) or
         None; returned on root (float32), None on other ranks and when logits is None.
+        step: where the rows' keys and values live (dllm.kvcache); None is this model's
+        contiguous cache of one sequence. A kvcache.PagedStep carries rows of many sequences
+        at their own positions (pos unused); its logits are the rows it names.
         """
-        self.check_span(pos, len(tokens))
+        if step is None:
+            self.check_span(pos, len(tokens))
         c, comm = self.config, self.comm
         x = np.empty((len(tokens), c.dim), dtype=np.float32)         # residual stream
         if comm.is_root:
             x[:] = self.embed(tokens)
         comm.bcast_array(x)                                          # Bcast x
-        x = self.run_layers(x, pos, self.state.k_cache, self.state.v_cache)
+        x = self.run_layers(x, pos, self.state.k_cache, self.state.v_cache, step)
         self.state.residual = x
         if logits is None:
             return None
-        return self.classify(x if logits == "all" else x[-1:])       # Gather -> root
+        if step is None:
+            return self.classify(x if logits == "all" else x[-1:])   # Gather -> root
+        rows, kernels = step.logit_rows()
+        return self.classify(x[rows], kernels)                       # Gather -> root
 
-    def run_layers(self, x, pos, k_caches, v_caches):
+    def run_layers(self, x, pos, k_caches, v_caches, step=None):
         """The layer loop: x (T, dim) float32 at positions pos..pos+T-1 through this rank's
         layers, filling their KV caches k_caches[i], v_caches[i] (local kv heads, max_seq_len,
-        head_dim); returns the new residual stream (T, dim). Collective over `group`."""
+        head_dim); returns the new residual stream (T, dim). Collective over `group`.
+        step: a kvcache step that says instead where each row's keys and values go."""
         c, shard, group, eps = self.config, self.shard, self.group, self.config.norm_eps
         T, hd = len(x), c.head_dim
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        if step is None:
+            step = ContiguousStep(k_caches, v_caches, pos, T, self.head_kv, self.kernels)
+        kernels, mm = step.kernels, step.kernels.matmul
+        cos, sin = self.rope_cos[step.positions], self.rope_sin[step.positions]
         for layer, w in enumerate(self.layers):
-            k_cache, v_cache = k_caches[layer], v_caches[layer]
             # attention block: this rank's query heads and the kv heads they read
-            xb = self.kernels.quantize_input(rmsnorm(x, w["attention_norm"], eps))
-            q = rope(self.mm(xb, w["wq"]).reshape(T, shard.n_heads, hd), cos, sin)
-            k = rope(self.mm(xb, w["wk"]).reshape(T, shard.n_kv_heads, hd), cos, sin)
-            v = self.mm(xb, w["wv"]).reshape(T, shard.n_kv_heads, hd)
-            k_cache[:, pos:pos + T] = k.transpose(1, 0, 2)
-            v_cache[:, pos:pos + T] = v.transpose(1, 0, 2)
-            att = attention(q, k_cache, v_cache, pos, self.head_kv)   # (T, local heads * hd)
+            xb = kernels.quantize_input(rmsnorm(x, w["attention_norm"], eps))
+            q = rope(mm(xb, w["wq"]).reshape(T, shard.n_heads, hd), cos, sin)
+            k = rope(mm(xb, w["wk"]).reshape(T, shard.n_kv_heads, hd), cos, sin)
+            v = mm(xb, w["wv"]).reshape(T, shard.n_kv_heads, hd)
+            step.write(layer, k, v)                                    # into the KV cache
+            att = step.attend(layer, q)                                # (T, local heads * hd)
             if not shard.row_parallel:     # "slices"
                 att = group.allgather_slices(att, self.exchange_attention)  # Allgather -> (T, dim)
-                o = self.mm(self.kernels.quantize_input(att), w["wo"])      # (T, local dim rows)
+                o = mm(kernels.quantize_input(att), w["wo"])                # (T, local dim rows)
                 x = x + group.allgather_slices(o, self.exchange_dim)        # Allgather; residual
             else:  # wo row-parallel: this rank's heads are its input columns
-                o = self.mm(self.kernels.quantize_input(att), w["wo"])      # (T, dim) partial
+                o = mm(kernels.quantize_input(att), w["wo"])                # (T, dim) partial
                 x = x + self.sum_partials(o)                                # (T, dim); residual
 
             # feed-forward block: this rank's hidden units
-            xb = self.kernels.quantize_input(rmsnorm(x, w["ffn_norm"], eps))
-            h = swiglu(self.mm(xb, w["w1"]), self.mm(xb, w["w3"]))      # (T, local hidden)
+            xb = kernels.quantize_input(rmsnorm(x, w["ffn_norm"], eps))
+            h = swiglu(mm(xb, w["w1"]), mm(xb, w["w3"]))                # (T, local hidden)
             if not shard.row_parallel:     # "slices"
                 h = group.allgather_slices(h, self.exchange_hidden)     # Allgather -> (T, hidden)
-                f = self.mm(self.kernels.quantize_input(h), w["w2"])    # (T, local dim rows)
+                f = mm(kernels.quantize_input(h), w["w2"])              # (T, local dim rows)
                 x = x + group.allgather_slices(f, self.exchange_dim)    # Allgather; residual
             else:  # w2 row-parallel: this rank's hidden units are its input columns
-                f = self.mm(self.kernels.quantize_input(h), w["w2"])    # (T, dim) partial
+                f = mm(kernels.quantize_input(h), w["w2"])              # (T, dim) partial
                 x = x + self.sum_partials(f)                            # (T, dim); residual
         return x
 
-    def classify(self, x):
+    def classify(self, x, kernels=None):
         """Final norm and this rank's classifier rows of x (R, dim); the ranks' logits
-        gathered to root -> (R, vocab) float32 on root, None elsewhere. Collective."""
+        gathered to root -> (R, vocab) float32 on root, None elsewhere. Collective.
+        kernels: those that multiply x's rows (a kvcache step's), default the model's."""
+        kernels = kernels or self.kernels
         final = rmsnorm(x, self.weights["norm"], self.config.norm_eps)
-        local_logits = self.mm(self.kernels.quantize_input(final),
-                               self.weights["output"])                   # (R, local vocab)
+        local_logits = kernels.matmul(kernels.quantize_input(final),
+                                      self.weights["output"])            # (R, local vocab)
         return self.group.gather_rows(local_logits, self.vocab_widths)   # Gather -> root
 
     def sum_partials(self, partial):

@@ -59,6 +59,10 @@ class Tokenizer:
         """Id of a piece or special token ("<|eot_id|>"), or None when absent."""
         return self._impl.piece_to_id(piece)
 
+    def id_to_piece(self, token_id):
+        """The piece (as the vocabulary spells it: "▁the", "<s>") of an id."""
+        return self._impl.id_to_piece(int(token_id))
+
     def encode(self, text, bos=True):
         ids = self._impl.encode(text)
         return [self.bos_id] + ids if bos and self.bos_id >= 0 else ids
@@ -84,6 +88,9 @@ class _SentencePiece:
     def piece_to_id(self, piece):
         i = self.sp.PieceToId(piece)
         return None if i == self.sp.unk_id() and piece != self.sp.IdToPiece(i) else i
+
+    def id_to_piece(self, token_id):
+        return self.sp.IdToPiece(token_id)
 
     def encode(self, text):
         return self.sp.EncodeAsIds(text)
@@ -119,6 +126,9 @@ class _HFTokenizer:
 
     def piece_to_id(self, piece):
         return self.tok.token_to_id(piece)
+
+    def id_to_piece(self, token_id):
+        return self.tok.id_to_token(token_id)
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
