@@ -27,6 +27,7 @@ RANGES = {
     "layers": (1, 10 ** 4), "prompt_len": (1, None), "decode_tokens": (1, None),
     "warmup": (0, None), "population": (1, 10 ** 5), "generations": (1, 10 ** 5),
     "sequences": (1, 4096), "context": (1, None), "repeats": (1, 10 ** 5),
+    "repeat": (1, 10 ** 4),
 }
 # --top-p is a probability mass: 0 would keep no token at all.
 OPEN_BELOW = {"top_p": (0, 1)}

@@ -4,6 +4,7 @@ Sync time is the time a rank spends inside collectives (Comm.stats); inference t
 rest of the lap. Each rank's per-token means are gathered to root and reported as the median
 over ranks, with min/median/max beside it.
 """
+import os
 import platform
 import socket
 import subprocess
@@ -61,7 +62,7 @@ def conditions(comm, model, **extra):
             "sync": model.sync, "sync_scheme": model.scheme, "max_seq_len": model.max_seq_len,
             "prefill_chunk": model.prefill_chunk, "layout": layout(comm, model),
             "python": platform.python_version(), "git_revision": git_revision(),
-            "link": link_name(), **extra}
+            "link": link_name(), "cpus_per_host": os.cpu_count(), **extra}
 
 
 def link_name():
