@@ -233,15 +233,19 @@ def counted_bytes(comm, link, before, payload_sent):
     return {"tx_bytes": wire, "payload_bytes": payload, "tx_over_payload": wire / payload}
 
 
-def per_token(results, config):
+def per_token(results, config, link=None):
     """Sync ms per decoded token of the full-depth model, measured and predicted, per scheme:
-    the layer collectives n_layers times, the rest once."""
+    the layer collectives n_layers times, the rest once; and the link's modelled delay
+    (message rounds x its one-way delay), which the emulated link does not add."""
     out = {}
     for r in results:
-        times = out.setdefault(r["scheme"], {"measured_ms": 0.0, "predicted_ms": 0.0})
+        times = out.setdefault(r["scheme"], {"measured_ms": 0.0, "predicted_ms": 0.0,
+                                             "rounds": 0, "modelled_delay_ms": 0.0})
         repeat = config.n_layers if r["collective"].startswith("layer:") else 1
         times["measured_ms"] += repeat * r["measured_ms"]
         times["predicted_ms"] += repeat * r["predicted_ms"]
+        times["rounds"] += repeat * r["rounds"]
+        times["modelled_delay_ms"] += repeat * r["rounds"] * (link.delay_ms if link else 0.0)
     return out
 
 
@@ -269,7 +273,8 @@ def print_report(report):
               f"{r['measured_ms'] / r['predicted_ms']:6.2f} {r['bucket_ms']:9.3f}")
     for scheme, t in report["per_token"].items():
         print(f"{scheme}: sync per token (full depth) measured {t['measured_ms']:.2f} ms, "
-              f"predicted {t['predicted_ms']:.2f} ms ({t['measured_ms'] / t['predicted_ms']:.2f}x)")
+              f"predicted {t['predicted_ms']:.2f} ms ({t['measured_ms'] / t['predicted_ms']:.2f}x); "
+              f"{t['rounds']} message rounds: + {t['modelled_delay_ms']:.1f} ms of modelled delay")
 
 
 if __name__ == "__main__":

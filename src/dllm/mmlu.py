@@ -60,7 +60,8 @@ def category_of(subject):
 
 def header(subject, style):
     words = subject.split("_")
-    about = "".join(" " + w for w in words) if style == "hendrycks" else " " + " ".join(words)
+    # evaluate.py: "about {}.".format(format_subject(subject)), format_subject = " a b c"
+    about = " " + ("".join(" " + w for w in words) if style == "hendrycks" else " ".join(words))
     return f"The following are multiple choice questions (with answers) about{about}.\n\n"
 
 
