@@ -266,19 +266,21 @@ def _factor_table(path_a, paths_b):
                      "accuracy_a": r["accuracy_a"], "accuracy_b": r["accuracy_b"],
                      "right_to_wrong": r["only_a_correct"], "wrong_to_right": r["only_b_correct"],
                      "letter_changed": round((1 - r["agreement"]) * r["questions"]),
-                     "mcnemar_p": r["mcnemar_p"]})
+                     "mcnemar_p": r["mcnemar_p"],
+                     "logprob_max_abs_diff": r["logprob_max_abs_diff"]})
     return {"kind": "mmlu-factors", "a": path_a, "rows": rows}
 
 
 def format_factors(report):
     out = [f"A = {report['a']}",
            f"{'B: settings that differ from A':58s} {'n':>5s} {'acc A':>7s} {'acc B':>7s} "
-           f"{'letters':>7s} {'R->W':>5s} {'W->R':>5s} {'McNemar p':>9s}"]
+           f"{'letters':>7s} {'R->W':>5s} {'W->R':>5s} {'McNemar p':>9s} {'max dlogp':>9s}"]
     for r in report["rows"]:
         differ = ", ".join(f"{k} {x}->{y}" for k, (x, y) in r["factor"].items()) or "(none)"
         out.append(f"{differ[:58]:58s} {r['questions']:5d} {_pct(r['accuracy_a']):>7s} "
                    f"{_pct(r['accuracy_b']):>7s} {r['letter_changed']:7d} "
-                   f"{r['right_to_wrong']:5d} {r['wrong_to_right']:5d} {r['mcnemar_p']:9.3g}")
+                   f"{r['right_to_wrong']:5d} {r['wrong_to_right']:5d} {r['mcnemar_p']:9.3g} "
+                   f"{r['logprob_max_abs_diff']:9.2g}")
     return "\n".join(out)
 
 

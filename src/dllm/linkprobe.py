@@ -213,7 +213,7 @@ def _main(comm, argv):
                   "alpha_ms": {kind: 1e3 * t for kind, t in alpha.items()},
                   "beta_bytes_per_s": beta,
                   "beta_measured_bytes_per_s": beta_measured, "interface": counters,
-                  "collectives": results, "per_token": per_token(results, config)}
+                  "collectives": results, "per_token": per_token(results, config, link)}
         print_report(report)
         if args.out:
             write_json(args.out, report)
