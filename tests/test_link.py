@@ -47,6 +47,9 @@ def test_probe_on_100mbit_agrees_with_hockney_and_bytes_cross_the_link(tmp_path)
     measured sync per token of the 7B shape is the latency-bandwidth prediction within 25%,
     and the interface counted at least the payload (plus headers). A timing on a shared
     machine: the best of three probes counts (other jobs' load inflates the latencies)."""
+    if os.getloadavg()[0] > os.cpu_count():
+        pytest.skip(f"load average {os.getloadavg()[0]:.1f} over {os.cpu_count()} cores: the "
+                    f"timings would measure other jobs (run python -m dllm.linkprobe by hand)")
     before = namespaces()
     out = tmp_path / "probe.json"
     for attempt in range(3):
