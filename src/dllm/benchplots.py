@@ -195,6 +195,13 @@ def _title(ax, title):
     ax.set_title("\n".join(_wrap(title, 70)), fontsize=8)
 
 
+def _finish(fig, ax, title):
+    _title(ax, title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def _wrap(text, width):
     words, lines, line = text.split(" "), [], ""
     for w in words:
@@ -206,10 +213,10 @@ def _wrap(text, width):
     return lines + [line]
 
 
-def _mark_oversubscribed(ax, x, y, record):
+def _mark_oversubscribed(ax, x, y, record, color):
+    """A hollow marker: more ranks than the host has cores."""
     if oversubscribed(record):
-        ax.annotate("oversubscribed", (x, y), fontsize=6, rotation=90, ha="center",
-                    va="bottom", xytext=(0, 4), textcoords="offset points")
+        ax.plot([x], [y], "o", mfc="white", color=color, zorder=3)
 
 
 def plot_time(plt, rs, title):
@@ -239,10 +246,7 @@ def plot_time(plt, rs, title):
     ax.set_xticklabels([str(n) for n in sizes])
     ax.set(xlabel="ranks (hatched: oversubscribed; whisker: min / max total over ranks)",
            ylabel="ms per decoded token (median over ranks)")
-    _title(ax, title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, title)
 
 
 def plot_bytes(plt, rs, title):
@@ -254,7 +258,7 @@ def plot_bytes(plt, rs, title):
         ns = sorted(runs)
         ax.plot(ns, [runs[n]["over_ranks"]["bytes_received"]["max"] / 1e3 for n in ns], "o",
                 color=f"C{i}", label=f"{scheme}: measured")
-        grid = list(range(1, max(ns) + 1))
+        grid = ns     # the even-split formula is exact at these sizes (powers of two here)
         formula = [formula_received_max(scheme, runs[ns[0]]["conditions"]["sync"], config, n)
                    for n in grid]
         if None not in formula:
@@ -262,12 +266,9 @@ def plot_bytes(plt, rs, title):
                     label=f"{scheme}: formula (docs/sync.md)")
         for n in ns:
             _mark_oversubscribed(ax, n, runs[n]["over_ranks"]["bytes_received"]["max"] / 1e3,
-                                 runs[n])
-    ax.set(xlabel="ranks", ylabel="kB received per token, busiest rank (root)")
-    _title(ax, title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+                                 runs[n], f"C{i}")
+    ax.set(xlabel="ranks (hollow: oversubscribed)", ylabel="kB received per token, busiest rank (root)")
+    return _finish(fig, ax, title)
 
 
 def plot_speedup(plt, rs, title):
@@ -288,15 +289,10 @@ def plot_speedup(plt, rs, title):
         ax.plot(ns, speed, "o-", color=f"C{i}", label=scheme)
         ax2.plot(ns, [s / n for s, n in zip(speed, ns)], "o-", color=f"C{i}", label=scheme)
         for n, s in zip(ns, speed):
-            if oversubscribed(runs[n]):
-                ax.plot([n], [s], "o", mfc="white", color=f"C{i}")
-                _mark_oversubscribed(ax, n, s, runs[n])
-    ax.set(xlabel="ranks", ylabel="speedup over 1 rank")
+            _mark_oversubscribed(ax, n, s, runs[n], f"C{i}")
+    ax.set(xlabel="ranks (hollow: oversubscribed)", ylabel="speedup over 1 rank")
     ax2.set(xlabel="ranks", ylabel="parallel efficiency", ylim=(0, 1.2))
-    _title(ax, title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, title)
 
 
 def plot_pipeline(plt, compares, title_extra=""):
