@@ -53,8 +53,10 @@ def formula_received_max(scheme, sync, config, n):
 
 def group_key(record):
     c = record["conditions"]
+    # A pipeline run records its scheme as "pipeline" (dllm.pipeline.PipelineModel.scheme).
+    mode = "pipeline" if c["sync_scheme"] == "pipeline" else "tensor"
     return (Path(str(c["model"])).name, record["model_config"]["n_layers"], c.get("quant"),
-            c["sync"], c.get("parallel", "tensor"), c.get("link"))
+            c["sync"], mode, c.get("link"))
 
 
 def describe(key, records):
