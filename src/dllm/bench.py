@@ -72,7 +72,7 @@ def _main(comm, argv):
     comm.from_root(check_paths, args)
     use_fault_options(comm, args)
     if args.model is not None and args.preset is not None:
-        raise DllmError("give one of --model and --preset, not both")
+        raise DllmError("give exactly one of --model and --preset, not both")
     if args.preset is not None:
         args.model = comm.from_root(synthetic_model, args.preset, args.layers, args.cache_dir)
     need = args.prompt_len + args.warmup + args.decode_tokens
