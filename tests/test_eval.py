@@ -482,3 +482,31 @@ def test_perplexity_matches_reference_json(name, model_dir):
     assert result["tokens_scored"] == reference["tokens_scored"]
     assert result["windows"] == reference["windows"]
     assert abs(result["perplexity"] / reference["perplexity"] - 1) < 0.01
+
+
+def test_hendrycks_prompt_is_evaluate_py_exactly():
+    """Hendrycks' format_subject puts a space before every word: two after 'about'; the
+    question is not stripped (lm-eval's template strips it)."""
+    from dllm import mmlu
+    dev = [Question("2 + 2 = ? ", ("4", "5", "6", "7"), "A")]
+    q = Question("6 + 6 = ?", ("10", "11", "12", "13"), "C")
+    assert evaluate.prompt_text("high_school_math", dev, q, 1, "hendrycks") == (
+        "The following are multiple choice questions (with answers) about  high school math."
+        "\n\n2 + 2 = ? \nA. 4\nB. 5\nC. 6\nD. 7\nAnswer: A\n\n"
+        "6 + 6 = ?\nA. 10\nB. 11\nC. 12\nD. 13\nAnswer:")
+    assert evaluate.prompt_text("high_school_math", dev, q, 1, "lm-eval").startswith(
+        "The following are multiple choice questions (with answers) about high school math."
+        "\n\n2 + 2 = ?\nA. 4")
+    assert len(mmlu.SUBCATEGORIES) == 57
+    counts = {c: sum(mmlu.category_of(s) == c for s in mmlu.SUBCATEGORIES) for c in mmlu.CATEGORIES}
+    assert counts == {"STEM": 18, "humanities": 13, "social sciences": 12,
+                      "other (business, health, misc.)": 14}
+
+
+def test_category_scores_are_micro_averages_within_categories():
+    from dllm.mmlu import category_scores
+    subjects = {"anatomy": {"n": 4, "correct": 1}, "virology": {"n": 6, "correct": 6},
+                "astronomy": {"n": 2, "correct": 1}, "toy_colours": {"n": 5, "correct": 5}}
+    assert category_scores(subjects) == {
+        "STEM": {"n": 2, "correct": 1, "accuracy": 0.5},
+        "other (business, health, misc.)": {"n": 10, "correct": 7, "accuracy": 0.7}}

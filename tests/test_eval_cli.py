@@ -47,7 +47,8 @@ def toy(tmp_path_factory):
 
 def demo_results(world_size, **changes):
     """A results file as `mmlu --data toy` with the demo model would start it."""
-    settings = {"split": "test", "shots": 5, "limit": None, "model": demo_model().name,
+    settings = {"split": "test", "shots": 5, "limit": None, "prompt_style": "lm-eval",
+                "model": demo_model().name,
                 "quant": "q40", "sync": "q80", "sync_scheme": "slices",
                 "world_size": world_size, "prefill_chunk": 64, "max_seq_len": 256}
     return {**evaluate.new_results(settings, {"A": [422], "B": [377], "C": [456, 506],
@@ -273,3 +274,33 @@ def test_eval_job_continues_its_results_file_when_requeued(toy, tmp_path):
     report = json.loads((tmp_path / "dllm-eval-4242.json").read_text())
     assert list(report["subjects"]) == ["toy_colours", "toy_arithmetic"]
     assert [r["subjects_run"] for r in report["runs"]] == [["toy_colours"], ["toy_arithmetic"]]
+
+
+def test_prompt_styles_and_the_factor_table(toy, tmp_path):
+    """Two prompt styles and a second rank count against one baseline: one row per factor
+    naming what differs, with the flips and McNemar's p; the categories are printed."""
+    base, hendrycks, two = (tmp_path / f"{n}.json" for n in ("base", "hendrycks", "two"))
+    for n, out, extra in ((1, base, []), (1, hendrycks, ["--prompt-style", "hendrycks"]),
+                          (2, two, [])):
+        result = run_eval(n, "mmlu", "--data", toy, "--out", out, *extra)
+        assert result.returncode == 0, result.stderr
+    assert json.loads(hendrycks.read_text())["settings"]["prompt_style"] == "hendrycks"
+    table = run_eval(1, "compare", base, hendrycks, two, "--out", tmp_path / "factors.json")
+    assert table.returncode == 0, table.stderr
+    rows = json.loads((tmp_path / "factors.json").read_text())["rows"]
+    assert rows[0]["factor"] == {"prompt_style": ["lm-eval", "hendrycks"]}
+    assert rows[1]["factor"] == {"world_size": [1, 2]}
+    for r in rows:
+        assert r["questions"] == 7 and 0 <= r["mcnemar_p"] <= 1
+        assert r["right_to_wrong"] + r["wrong_to_right"] <= r["letter_changed"]
+    assert "prompt_style lm-eval->hendrycks" in table.stdout
+
+
+def test_perplexity_limit_scores_the_first_windows(tmp_path):
+    text, out = tmp_path / "story.txt", tmp_path / "ppl.json"
+    text.write_text(TEXT)
+    result = run_eval(1, "perplexity", "--text", text, "--window", 16, "--limit", 2,
+                      "--out", out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["windows"] == 2 and report["tokens_scored"] == 2 * 15

@@ -267,3 +267,10 @@ def test_calibrate_search_check_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = json.loads(checks.read_text())["rows"]
     assert rows and all(r["measured_ms_per_token"] > 0 for r in rows)
+
+
+def test_calibrate_warns_when_ranks_of_one_host_differ():
+    from dllm.plan import same_host_speed_warnings
+    assert same_host_speed_warnings(["a", "a", "b"], [10.0, 10.5, 30.0]) == []
+    warnings = same_host_speed_warnings(["a", "a", "b", "b"], [10.0, 10.5, 10.0, 15.0])
+    assert len(warnings) == 1 and "2 ranks on b measured 10.00-15.00" in warnings[0]

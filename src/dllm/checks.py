@@ -29,6 +29,7 @@ RANGES = {
     "sequences": (1, 4096), "context": (1, None), "repeats": (1, 10 ** 5),
     "port": (0, 65535), "max_running": (1, 4096), "max_queue": (0, None),
     "kv_blocks": (1, None), "prefill_tokens": (1, None), "max_body": (1024, None),
+    "repeat": (1, 10 ** 4),
 }
 # --top-p is a probability mass: 0 would keep no token at all.
 OPEN_BELOW = {"top_p": (0, 1)}

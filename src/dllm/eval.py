@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from . import evaluate
+from .mmlu import PROMPT_STYLES
 from .cli import (ArgumentParser, add_engine_options, add_fault_options, entry, load_model,
                   model_loaded, run, use_fault_options)
 from .checks import check_paths, read_file, read_json
@@ -43,6 +44,10 @@ def build_parser(is_root=True):
                    help="subjects to run, e.g. abstract_algebra anatomy (default: all)")
     m.add_argument("--limit", type=int, default=None,
                    help="first N test questions of each subject (default: all)")
+    m.add_argument("--prompt-style", default="lm-eval", choices=PROMPT_STYLES,
+                   help="'lm-eval': lm-evaluation-harness's text (default); 'hendrycks': "
+                        "Hendrycks' evaluate.py exactly (two spaces after 'about', the "
+                        "questions unstripped); see docs/evaluation.md")
     m.add_argument("--out", default=None, metavar="PATH",
                    help="results JSON, checkpointed every 30 s and after every subject; an "
                         "existing file of the same settings is continued, never overwritten")
@@ -52,13 +57,18 @@ def build_parser(is_root=True):
     q.add_argument("--text", required=True, help="UTF-8 text file")
     q.add_argument("--window", type=int, default=None,
                    help="tokens per forward pass including BOS (default: the model's context)")
+    q.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="score only the first N windows of the text (default: all)")
     q.add_argument("--out", default=None, metavar="PATH",
                    help="result JSON, checkpointed every 30 s; an existing file of the same "
                         "settings is continued (or, finished, shown), never overwritten")
-    c = sub.add_parser("compare", is_root=is_root, help="compare two result files",
-                       description="Compare two MMLU (or two perplexity) result files.")
+    c = sub.add_parser("compare", is_root=is_root, help="compare result files",
+                       description="Compare two MMLU (or two perplexity) result files; with "
+                                   "more than one B, the factor table: per B, the settings "
+                                   "that differ from A, the answers that flip and McNemar's "
+                                   "test.")
     c.add_argument("a", help="results JSON of run A (the baseline)")
-    c.add_argument("b", help="results JSON of run B")
+    c.add_argument("b", nargs="+", help="results JSON of run B (or several: one factor each)")
     c.add_argument("--top", type=int, default=10, help="subjects to list (default 10)")
     c.add_argument("--out", default=None, metavar="PATH",
                    help="write the comparison as JSON (never over a results file)")
@@ -123,7 +133,8 @@ def _mmlu(comm, args):
     info = conditions(comm, model, command="mmlu", data=str(args.data))
     progress = Progress(comm.is_root and not args.no_progress, "questions")
     results = evaluate.run_mmlu(model, args.data, subjects, args.shots, args.limit, args.out,
-                                info, progress, checkpoint_every=args.checkpoint_every)
+                                info, progress, checkpoint_every=args.checkpoint_every,
+                                prompt_style=args.prompt_style)
     progress.close()
     if comm.is_root:
         print_mmlu(results, subjects)
@@ -136,7 +147,8 @@ def _check_mmlu_out(comm, args):
     if Path(args.out).exists():
         run, context = _expected_settings(comm, args)
         evaluate.load_results(args.out, evaluate.mmlu_settings(
-            None, args.shots, args.limit, run=run, max_seq_len=context))
+            None, args.shots, args.limit, run=run, max_seq_len=context,
+            prompt_style=args.prompt_style))
 
 
 def _check_data(data, requested, shots):
@@ -150,7 +162,8 @@ def _check_data(data, requested, shots):
 def print_mmlu(results, subjects):
     s = results["settings"]
     print(f"MMLU {s['split']}, {s['shots']}-shot, {s['model']} ({s['quant']} weights), "
-          f"{s['world_size']} rank(s), sync {s['sync']}")
+          f"{s['world_size']} rank(s), sync {s['sync']}, prompt style "
+          f"{s.get('prompt_style', 'lm-eval')}")
     print(f"{'subject':40s} {'n':>5s} {'accuracy':>9s} {'shots':>6s} {'cut':>4s}")
     for name, r in results["subjects"].items():
         mark = "" if name in subjects else " (earlier run)"
@@ -159,6 +172,8 @@ def print_mmlu(results, subjects):
               f"{r['truncated']:4d}{mark}")
     print(f"micro average {_pct(results['micro_avg'])} over {results['n_questions']} questions,"
           f" macro average {_pct(results['macro_avg'])} over {results['n_subjects']} subjects")
+    for category, c in results.get("categories", {}).items():
+        print(f"  {category:38s} {c['n']:5d} {_pct(c['accuracy']):>9s}")
 
 
 def _pct(value):
@@ -169,6 +184,8 @@ def _pct(value):
 def _perplexity(comm, args):
     _watch(comm, args)
     about = comm.from_root(_about_text, args.text, args.tokenizer)   # fails before loading
+    if args.limit is not None:
+        about["limit_windows"] = args.limit
     run, context = comm.from_root(_expected_settings, comm, args)
     window = context if args.window is None else args.window
     evaluate.check_window(window, context)
@@ -181,6 +198,8 @@ def _perplexity(comm, args):
             return 0
     model = _load(comm, args)
     ids = comm.root_only(_encode_text, model, args.text)
+    if args.limit is not None and ids is not None:
+        ids = ids[:args.limit * (window - 1)]    # the first N windows (window - 1 ids each)
     info = conditions(comm, model, command="perplexity", text=str(args.text))
     progress = Progress(comm.is_root and not args.no_progress, "windows")
     result = evaluate.perplexity(model, ids, window, progress, out=args.out, about=about,
@@ -224,12 +243,46 @@ def _encode_text(model, path):
 def _compare(comm, args):
     if args.out:
         comm.from_root(_check_compare_out, args.out)
-    report = comm.from_root(_compare_files, args.a, args.b, args.top)
+    if len(args.b) > 1:
+        report = comm.from_root(_factor_table, args.a, args.b)
+        text = format_factors(report)
+    else:
+        report = comm.from_root(_compare_files, args.a, args.b[0], args.top)
+        text = format_comparison(report, args.a, args.b[0])
     if comm.is_root:
-        print(format_comparison(report, args.a, args.b))
+        print(text)
         if args.out:
             write_json(args.out, report)
     return 0
+
+
+def _factor_table(path_a, paths_b):
+    """Each B against A: what differs, the flips and McNemar's test (MMLU files only)."""
+    rows = []
+    for path_b in paths_b:
+        r = _compare_files(path_a, path_b, top=1)
+        if r["kind"] != "mmlu":
+            raise DllmError("the factor table (several B files) compares MMLU results")
+        rows.append({"b": path_b, "factor": r["settings_differ"], "questions": r["questions"],
+                     "accuracy_a": r["accuracy_a"], "accuracy_b": r["accuracy_b"],
+                     "right_to_wrong": r["only_a_correct"], "wrong_to_right": r["only_b_correct"],
+                     "letter_changed": round((1 - r["agreement"]) * r["questions"]),
+                     "mcnemar_p": r["mcnemar_p"],
+                     "logprob_max_abs_diff": r["logprob_max_abs_diff"]})
+    return {"kind": "mmlu-factors", "a": path_a, "rows": rows}
+
+
+def format_factors(report):
+    out = [f"A = {report['a']}",
+           f"{'B: settings that differ from A':58s} {'n':>5s} {'acc A':>7s} {'acc B':>7s} "
+           f"{'letters':>7s} {'R->W':>5s} {'W->R':>5s} {'McNemar p':>9s} {'max dlogp':>9s}"]
+    for r in report["rows"]:
+        differ = ", ".join(f"{k} {x}->{y}" for k, (x, y) in r["factor"].items()) or "(none)"
+        out.append(f"{differ[:58]:58s} {r['questions']:5d} {_pct(r['accuracy_a']):>7s} "
+                   f"{_pct(r['accuracy_b']):>7s} {r['letter_changed']:7d} "
+                   f"{r['right_to_wrong']:5d} {r['wrong_to_right']:5d} {r['mcnemar_p']:9.3g} "
+                   f"{r['logprob_max_abs_diff']:9.2g}")
+    return "\n".join(out)
 
 
 def _check_compare_out(out):

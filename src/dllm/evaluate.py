@@ -33,9 +33,9 @@ import numpy as np
 
 from .checks import read_json
 from .errors import DllmError, on_one_rank
+# every MMLU prompt ends with ANSWER_PROBE; choices are scored after it
+from .mmlu import ANSWER_PROBE, LETTERS, category_scores, header, question_text
 
-LETTERS = "ABCD"
-ANSWER_PROBE = "Answer:"      # every MMLU prompt ends with it; choices are scored after it
 RESULTS_KIND = "dllm-mmlu-results"
 RESULTS_VERSION = 1
 PERPLEXITY_KIND = "dllm-perplexity-results"
@@ -260,26 +260,11 @@ def read_subject(data_dir, subject, shots, limit=None):
 
 
 # --- MMLU prompts ---------------------------------------------------------------------------
-def subject_title(subject):
-    return subject.replace("_", " ")
-
-
-def prompt_header(subject):
-    return f"The following are multiple choice questions (with answers) about " \
-           f"{subject_title(subject)}.\n\n"
-
-
-def format_question(q, with_answer):
-    """'question\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:' and, for a dev example, ' X\\n\\n'."""
-    text = q.question + "".join(f"\n{letter}. {choice}"
-                                for letter, choice in zip(LETTERS, q.choices))
-    text += f"\n{ANSWER_PROBE}"
-    return text + f" {q.answer}\n\n" if with_answer else text
-
-
-def prompt_text(subject, dev, question, shots):
-    return prompt_header(subject) + "".join(format_question(d, True) for d in dev[:shots]) + \
-        format_question(question, False)
+def prompt_text(subject, dev, question, shots, style="lm-eval"):
+    """The prompt of `shots` dev examples and the question in a style of dllm.mmlu."""
+    return header(subject, style) + "".join(question_text(d, True, style)
+                                            for d in dev[:shots]) + \
+        question_text(question, False, style)
 
 
 def choice_tokens(tokenizer):
@@ -304,11 +289,11 @@ class Prompt:
     truncated: bool    # even zero-shot did not fit: cut from the left, BOS kept
 
 
-def build_prompt(tokenizer, subject, dev, question, shots, budget):
+def build_prompt(tokenizer, subject, dev, question, shots, budget, style="lm-eval"):
     """The prompt with the most shots (at most `shots`) whose ids fit in `budget` tokens.
     If even the zero-shot prompt is too long, its oldest ids are dropped (BOS is kept)."""
     for k in range(shots, -1, -1):
-        ids = tokenizer.encode(prompt_text(subject, dev, question, k), bos=True)
+        ids = tokenizer.encode(prompt_text(subject, dev, question, k, style), bos=True)
         if len(ids) <= budget:
             return Prompt(ids, k, False)
     return Prompt(ids[:1] + ids[len(ids) - budget + 1:], 0, True)
@@ -426,7 +411,8 @@ def summarize(subjects):
     n = sum(s["n"] for s in scored)
     return {"micro_avg": sum(s["correct"] for s in scored) / n if n else None,
             "macro_avg": float(np.mean([s["accuracy"] for s in scored])) if scored else None,
-            "n_questions": n, "n_subjects": len(scored)}
+            "n_questions": n, "n_subjects": len(scored),
+            "categories": category_scores(subjects)}
 
 
 # --- MMLU run: resumable, question by question ---------------------------------------------------
@@ -448,17 +434,19 @@ def run_settings(model=None, *, path=None, quant=None, sync=None, sync_scheme=No
             "sync_scheme": sync_scheme, "world_size": world_size, "prefill_chunk": prefill_chunk}
 
 
-def mmlu_settings(model, shots, limit, split="test", run=None, max_seq_len=None):
+def mmlu_settings(model, shots, limit, split="test", run=None, max_seq_len=None,
+                  prompt_style="lm-eval"):
     """What must be equal for two runs to share a results file (run and max_seq_len replace
     the model's figures when the model is not loaded yet)."""
     run = run_settings(model) if run is None else run
     context = model.max_seq_len if max_seq_len is None else max_seq_len
-    return {"split": split, "shots": shots, "limit": limit, **run, "max_seq_len": context}
+    return {"split": split, "shots": shots, "limit": limit, "prompt_style": prompt_style, **run,
+            "max_seq_len": context}
 
 
 def new_results(settings, continuations):
     return {"kind": RESULTS_KIND, "version": RESULTS_VERSION, "settings": settings,
-            "prompt_format": "hendrycks", "scoring": SCORING_METHOD,
+            "prompt_format": settings.get("prompt_style", "lm-eval"), "scoring": SCORING_METHOD,
             "choice_tokens": continuations, "runs": [], "subjects": {}, "in_progress": {}}
 
 
@@ -518,7 +506,7 @@ class Checkpoint:
 
 def run_mmlu(model, data_dir, subjects, shots=5, limit=None, out=None, conditions=None,
              progress=None, after_subject=None, reuse_prefix=True, after_question=None,
-             checkpoint_every=CHECKPOINT_SECONDS):
+             checkpoint_every=CHECKPOINT_SECONDS, prompt_style="lm-eval"):
     """Evaluate MMLU subjects; collective. Returns the results dict on root, None elsewhere.
 
     subjects: names already checked (see select_subjects). out: JSON path; an existing file
@@ -529,9 +517,10 @@ def run_mmlu(model, data_dir, subjects, shots=5, limit=None, out=None, condition
     step(subject) (called on every rank). after_question(subject, index) and
     after_subject(subject): called on every rank after a question is recorded (and
     checkpointed when due) and after a subject is saved (tests interrupt there).
+    prompt_style: "lm-eval" or "hendrycks" (dllm.mmlu).
     """
     comm = model.comm
-    results = comm.root_only(_open_results, model, shots, limit, out)
+    results = comm.root_only(_open_results, model, shots, limit, out, prompt_style)
     pending, resumed, counts = comm.from_root(_plan_subjects, results, subjects, data_dir, limit)
     if progress:
         progress.start(sum(counts) - sum(resumed.values()),
@@ -608,11 +597,11 @@ def _run_subject(model, results, data_dir, subject, shots, limit, done, reuse_pr
         saver.save(results)
 
 
-def _open_results(model, shots, limit, out):
+def _open_results(model, shots, limit, out, prompt_style="lm-eval"):
     if model.tokenizer is None:
         raise DllmError("this model file has no tokenizer: pass --tokenizer PATH "
                         "(a SentencePiece tokenizer.model)")
-    settings = mmlu_settings(model, shots, limit)
+    settings = mmlu_settings(model, shots, limit, prompt_style=prompt_style)
     continuations = choice_tokens(model.tokenizer)
     results = load_results(out, settings) if out else None
     if results is None:
@@ -631,7 +620,9 @@ def _question_counts(data_dir, subjects, limit):
 def _subject_prompts(model, data_dir, subject, shots, limit, results):
     dev, questions = read_subject(data_dir, subject, shots, limit)
     budget = prompt_budget(model.max_seq_len, results["choice_tokens"])
-    prompts = [build_prompt(model.tokenizer, subject, dev, q, shots, budget) for q in questions]
+    style = results["settings"].get("prompt_style", "lm-eval")
+    prompts = [build_prompt(model.tokenizer, subject, dev, q, shots, budget, style)
+               for q in questions]
     return prompts, questions
 
 

@@ -19,6 +19,7 @@ device, root's time outside the layers, and link latency and bandwidth between e
 import heapq
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -612,6 +613,26 @@ def available_memory(comm):
     return total // per_host
 
 
+SAME_HOST_SPREAD = 0.10   # ranks of one host differing by more measure the load, not the host
+
+
+def same_host_speed_warnings(hosts, layer_ms):
+    """One line per host whose ranks measured layer times more than SAME_HOST_SPREAD apart:
+    identical cores should time alike, so the difference is other work on the machine (or
+    oversubscription), and the profile's speeds would encode it."""
+    by_host = {}
+    for host, ms in zip(hosts, layer_ms):
+        by_host.setdefault(host, []).append(ms)
+    out = []
+    for host, times in by_host.items():
+        if len(times) > 1 and max(times) > (1 + SAME_HOST_SPREAD) * min(times):
+            out.append(f"{len(times)} ranks on {host} measured {min(times):.2f}-{max(times):.2f} "
+                       f"ms per layer ({max(times) / min(times):.2f}x apart): other load or "
+                       f"oversubscription, not the hardware; recalibrate on a quiet machine "
+                       f"or set those speeds by hand")
+    return out
+
+
 def calibrate_main(comm, args):
     """Collective: every rank times its layers alone, root its own work, every pair of ranks
     its link; root writes the profile (device i = rank i; speed relative to root)."""
@@ -658,6 +679,8 @@ def calibrate_main(comm, args):
             print(f"rank {r} ({d.host}): {layer_ms[r]:.2f} ms per layer, speed {d.speed:.2f}, "
                   f"memory {d.memory / 1e9:.1f} GB")
         print(f"root outside the layers: {root_ms:.2f} ms per token")
+        for warning in same_host_speed_warnings(hosts, layer_ms):
+            print(f"{PROG} calibrate: warning: {warning}", file=sys.stderr)
         for a, b, link in links:
             print(f"link {a}-{b}: {1e3 * link.latency:.3f} ms + "
                   f"{link.bandwidth * 8 / 1e6:.0f} Mbit/s")

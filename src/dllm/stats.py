@@ -4,6 +4,7 @@ Sync time is the time a rank spends inside collectives (Comm.stats); inference t
 rest of the lap. Each rank's per-token means are gathered to root and reported as the median
 over ranks, with min/median/max beside it.
 """
+import os
 import platform
 import socket
 import subprocess
@@ -58,7 +59,15 @@ def conditions(comm, model, **extra):
             "quant": model.quant,
             "sync": model.sync, "sync_scheme": model.scheme, "max_seq_len": model.max_seq_len,
             "prefill_chunk": model.prefill_chunk, "layout": layout(comm, model),
-            "python": platform.python_version(), "git_revision": git_revision(), **extra}
+            "python": platform.python_version(), "git_revision": git_revision(),
+            "link": link_name(), "cpus_per_host": os.cpu_count(), **extra}
+
+
+def link_name():
+    """The emulated network the job runs on (python -m dllm.link), else None."""
+    from .link import current_link
+    link = current_link()
+    return link.name if link else None
 
 
 def layout(comm, model):
