@@ -40,7 +40,7 @@ def test_bench_writes_one_json_line_per_run(tmp_path, scheme):
 
 
 def test_bench_takes_one_of_model_and_preset():
-    result = run_bench(1, "--model", default_model(), "--preset", "llama2-7b")
+    result = run_bench(1, "--model", demo_model(), "--preset", "llama2-7b")
     assert result.returncode == 1 and "one of --model and --preset, not both" in result.stderr
     assert "Traceback" not in result.stderr
 

@@ -12,7 +12,7 @@ import pytest
 from dllm import link, linkprobe
 from dllm.benchplots import formula_received_max
 from dllm.converters.synthetic import PRESETS
-from dllm.generate import default_model
+from dllm import demo_model
 
 from test_schemes import expected_rank_bytes
 
@@ -71,7 +71,7 @@ def test_bench_under_a_link_records_it_and_the_exit_code_passes_through(tmp_path
     before = namespaces()
     out = tmp_path / "runs.jsonl"
     result = run_link("1gbit", "-n", 2, "--", sys.executable, "-m", "dllm.bench", "--model",
-                      default_model(), "--prompt-len", 4, "--decode-tokens", 2, "--out", out)
+                      demo_model(), "--prompt-len", 4, "--decode-tokens", 2, "--out", out)
     assert result.returncode == 0, result.stderr
     record = json.loads(out.read_text())
     assert record["conditions"]["link"] == "1gbit"
