@@ -156,8 +156,9 @@ def test_training_forward_matches_the_reference_forward():
 
 @pytest.mark.mpi
 def test_tensor_parallel_gradients_equal_the_single_rank_ones(comm):
-    """Every rank's gradient parts equal the matching parts of the one-rank gradient."""
-    config = ModelConfig(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=4,
+    """Every rank's gradient parts equal the matching parts of the one-rank gradient (to the
+    float32 rounding of the logits' Allgather, whose payload is float32)."""
+    config = ModelConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=4,
                          vocab_size=40, max_seq_len=16)
     if config.n_kv_heads % comm.size:
         pytest.skip(f"{comm.size} ranks do not split {config.n_kv_heads} kv heads")
@@ -169,4 +170,4 @@ def test_tensor_parallel_gradients_equal_the_single_rank_ones(comm):
     local = {k: split.local(k, v) for k, v in full.items()}
     loss, g = loss_and_grads(local, split, tokens, comm, 0.1)
     worst = max(np.abs(g[k] - split.local(k, g1[k])).max() / np.abs(g1[k]).max() for k in g)
-    assert all_ranks(abs(loss - loss1) < 1e-10 * loss1 and worst < 1e-10), (loss, loss1, worst)
+    assert all_ranks(abs(loss - loss1) < 1e-6 * loss1 and worst < 1e-5), (loss, loss1, worst)
