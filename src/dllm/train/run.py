@@ -106,6 +106,13 @@ def main(argv=None):
 
 
 def _main(comm, argv):
+    train(comm, argv)
+    return 0
+
+
+def train(comm, argv):
+    """The whole command on the dllm Comm `comm` (collective); returns the finished Trainer
+    (its params: this rank's parts of the trained weights)."""
     args = build_parser(comm.is_root).parse_args(argv)
     args.checkpoint = args.checkpoint or args.out + ".ckpt"
     comm.from_root(check_paths, args)
@@ -114,7 +121,7 @@ def _main(comm, argv):
                                        "checkpoint")
     trainer = Trainer(comm, args)
     trainer.run()
-    return 0
+    return trainer
 
 
 def check_settings(args, size):
