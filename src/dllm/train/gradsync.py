@@ -71,6 +71,7 @@ class Bucket:
         self.n = sum(self.sizes)
         self.flat = None
         self.requests = []
+        self.send = None         # the payload in flight, kept alive until it completes
         self.phase = 0           # 0 waiting for gradients, 1.. exchanges, done = -1
 
     def split(self, flat):
@@ -116,23 +117,28 @@ class GradSync:
         if missing:
             raise RuntimeError(f"gradients never handed to the sync: {missing[:3]}")
         before = self.comm.stats.sync_seconds
-        while any(b.phase != -1 for b in self.buckets):
-            pending = [r for b in self.buckets if b.phase > 0 for r in b.requests]
-            self.comm.wait_all(pending, "Waitall (gradient buckets)")
-            self._progress()
+        # Bucket by bucket in order, so that every rank starts q80's second exchanges in
+        # the same order (MPI matches collectives by the order they are started in).
+        for i, bucket in enumerate(self.buckets):
+            while bucket.phase != -1:
+                self.comm.wait_all(bucket.requests, "Waitall (gradient buckets)")
+                self._advance(i, bucket)
         self.wait_seconds = self.comm.stats.sync_seconds - before
         out = {}
         for bucket in self.buckets:
             out.update(bucket.split(bucket.flat))
-            bucket.phase, bucket.flat, bucket.requests = 0, None, []
+            bucket.phase, bucket.flat, bucket.requests, bucket.send = 0, None, [], None
         self._ready.clear()
         return out
 
     def _progress(self):
-        """Move every bucket whose exchange has completed to its next phase (MPI progresses
-        non-blocking collectives only inside MPI calls: this is one)."""
+        """Let MPI move the buckets in flight (it progresses non-blocking collectives only
+        inside MPI calls: Testall is one), and finish those whose exchange is complete,
+        except where that would start another collective: this rank's timing must not
+        decide the order of collectives, which every rank must start alike."""
         for i, bucket in enumerate(self.buckets):
-            while bucket.phase > 0 and self.comm.test_all(bucket.requests):
+            if bucket.phase > 0 and self.comm.test_all(bucket.requests) and not (
+                    self.payload == "q80" and bucket.phase == 1):
                 self._advance(i, bucket)
 
     # --- the payloads -------------------------------------------------------------------
@@ -168,6 +174,7 @@ class GradSync:
         a, b = bucket.chunks[comm.rank]
         mine = (b - a) * Q80_BLOCK_BYTES
         bucket.recv = np.empty(mine * comm.size, np.uint8)
+        bucket.send = send      # a non-blocking send's buffer must outlive the call
         bucket.requests = [comm.ialltoallv_bytes(send, counts, bucket.recv, [mine] * comm.size)]
 
     def _gather_q80(self, bucket):
@@ -182,6 +189,7 @@ class GradSync:
         counts = [(y - x) * Q80_BLOCK_BYTES for x, y in bucket.chunks]
         bucket.recv = np.empty((sum(counts) // Q80_BLOCK_BYTES, Q80_BLOCK_BYTES), np.uint8)
         send = quantize_q80(summed).reshape(-1)
+        bucket.send = send
         bucket.requests = [comm.iallgatherv_bytes(send, bucket.recv.reshape(-1), counts)]
 
     def _start_topk(self, i, bucket):
@@ -198,6 +206,7 @@ class GradSync:
         bucket.k = k
         bucket.recv = np.empty(2 * k * self.comm.size, np.int32)
         counts = [8 * k] * self.comm.size
+        bucket.send = send
         bucket.requests = [self.comm.iallgatherv_bytes(send.view(np.uint8),
                                                        bucket.recv.view(np.uint8), counts)]
 

@@ -212,8 +212,11 @@ class Trainer:
         comm, args = self.comm, self.args
         state = comm.from_root(self._read_checkpoint)
         if state is None:
-            if comm.is_root and args.metrics:
-                on_one_rank(write_text, args.metrics, "")
+            if comm.is_root and args.metrics:   # a header: what the lines that follow are of
+                header = {"step": 0, "run": {**self.settings, "parameters":
+                                             parameter_count(self.config),
+                                             "git_revision": git_revision()}}
+                on_one_rank(write_text, args.metrics, json.dumps(header) + "\n")
             return
         self.step = state["step"]
         for name in self.params:
@@ -288,7 +291,10 @@ class Trainer:
             grads = self.sync.finish()
         grad_comm = comm.stats.since(before)
         idle = self.sync.wait_seconds if self.sync is not None else 0.0
-        loss = self.sum_over_data(loss)
+        loss = self.sum_over_data(loss)        # the same on every rank: all stop together
+        if not np.isfinite(loss):
+            raise DllmError(f"the training loss is {loss} at step {step}: lower --lr or "
+                            f"raise --warmup (the last checkpoint is unchanged)")
         norm = np.sqrt(self.grad_norm_squared(grads))
         scale = np.float32(self.optim.clip_scale(norm))
         lr = self.optim.lr_at(step)
