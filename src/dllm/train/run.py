@@ -261,6 +261,8 @@ class Trainer:
                          f"{parameter_count(c):,} parameters (dim {c.dim}, {c.n_layers} "
                          f"layers); {len(self.train_stream):,} training tokens; global batch "
                          f"{args.batch} x {args.seq_len}", file=sys.stderr)
+        if self.step == 0 and args.val_every:
+            self.validate()                 # where the curve starts
         while self.step < args.steps:
             record = self.train_step(self.step + 1)
             self.step += 1
