@@ -6,17 +6,15 @@ are packed into buckets of about `bucket_bytes` float32 bytes in that order, and
 exchange starts (non-blocking) the moment its last gradient is ready. Each gradient is of the
 global-mean loss already (local sum / tokens of the global batch), so the sum is the mean.
 
-| payload  | exchange of one bucket of N values                                | bytes sent by a rank      |
-|----------|-------------------------------------------------------------------|---------------------------|
-| f32      | Iallreduce (sum), in place                                        | 2 (n-1)/n 4N (ring)        |
-| q80      | Q8_0 blocks: Ialltoallv of chunk c to rank c, which sums them in  | 2 (n-1)/n 34 N/32          |
-|          | rank order; Iallgatherv of the Q8_0-rounded sums (reduce-scatter   | (n | N/32 blocks)          |
-|          | + allgather, the sync scheme "reduce" of the inference)           |                           |
-| topk:K   | each rank's K N largest-magnitude entries of gradient + residual   | (n-1) 8 ceil(K N)          |
-|          | (error feedback), int32 index + float32 value, Iallgatherv        |                           |
+payload f32: Iallreduce (sum) in place; a rank sends 2 (n-1)/n 4N bytes (a ring's traffic).
+payload q80: the bucket in Q8_0 blocks, chunk c (whole blocks) to rank c by Ialltoallv, which
+    adds the chunks in rank order and Iallgatherv's the Q8_0-rounded sum (reduce-scatter +
+    allgather, the inference's sync scheme "reduce"): 2 (n-1)/n 34 N/32 bytes.
+payload topk:K: each rank's ceil(K N) largest-magnitude entries of gradient + residual (error
+    feedback), int32 index + float32 value, by Iallgatherv: (n-1) 8 ceil(K N) bytes.
 
-Every rank sums the same bytes in the same order, so the replicated weights stay bit-
-identical across ranks. docs/training.md gives the formula per step.
+q80 and top-k ranks add the same bytes in the same order, and MPICH's Allreduce gives every
+rank the same sum, so the replicated weights stay bit-identical across ranks (tested). docs/training.md gives the formula per step.
 """
 import math
 

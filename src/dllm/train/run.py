@@ -294,10 +294,11 @@ class Trainer:
         grad_comm = comm.stats.since(before)
         idle = self.sync.wait_seconds if self.sync is not None else 0.0
         loss = self.sum_over_data(loss)        # the same on every rank: all stop together
-        if not np.isfinite(loss):
-            raise DllmError(f"the training loss is {loss} at step {step}: lower --lr or "
-                            f"raise --warmup (the last checkpoint is unchanged)")
-        norm = np.sqrt(self.grad_norm_squared(grads))
+        norm = np.sqrt(self.grad_norm_squared(grads))   # the same on every rank, too
+        if not (np.isfinite(loss) and np.isfinite(norm)):
+            raise DllmError(f"the training loss is {loss} and the gradient norm {norm} at step "
+                            f"{step}: lower --lr or raise --warmup (the last checkpoint is "
+                            f"unchanged)")
         scale = np.float32(self.optim.clip_scale(norm))
         lr = self.optim.lr_at(step)
         for name, param in self.params.items():

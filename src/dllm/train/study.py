@@ -8,7 +8,6 @@ tokens/s, the parallel efficiency against the one-rank run of the same model (to
 n times its tokens/s), and the last validation loss. Plots (matplotlib, pip install
 'dllm[bench]'): loss curves, final validation loss against bytes moved, the step time split.
 """
-import json
 import sys
 from pathlib import Path
 
