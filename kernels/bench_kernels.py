@@ -32,17 +32,17 @@ import subprocess
 import time
 import tracemalloc
 
-os.environ.setdefault("DLLM_THREADS", "1")
-import dllm  # noqa: E402,F401  (pins BLAS threads before numpy loads)
-import numpy as np  # noqa: E402
+import numpy as np
 
-from dllm import kernels  # noqa: E402
-from dllm.quant import quantize_q40, quantize_q80  # noqa: E402
+from dllm import _threads, kernels
+from dllm.quant import quantize_q40, quantize_q80
 
 try:
-    from dllm import kernels_fast  # noqa: E402
+    from dllm import kernels_fast
 except ImportError:             # numba not installed: the numpy backend alone
     kernels_fast = None
+
+THREADS = _threads.use(int(os.environ.get("DLLM_THREADS") or 1))   # BLAS too, at run time
 
 SHAPES = {"wq/wo 4096x4096": (4096, 4096), "w1/w3 11008x4096": (11008, 4096),
           "w2 4096x11008": (4096, 11008)}
@@ -132,7 +132,7 @@ def main():
                            "cpu": platform.processor() or platform.machine(),
                            "host": platform.node(), "cores": os.cpu_count(),
                            "load_average_at_start": os.getloadavg()[0],
-                           "threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+                           "threads": THREADS,
                            "git_revision": git_revision(), "baseline": args.baseline}}
     bw = stream(1 << 25, repeats)   # 128 MB arrays
     results["stream"] = bw

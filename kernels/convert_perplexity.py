@@ -1,5 +1,6 @@
-"""Perplexity of the converted tinystories models on valid.txt, f32 and Q40, through the
-library API with reference.json's documented method (docs/conversion.md records the output).
+"""Perplexity of the converted tinystories models on valid.txt for every --quant and
+classifier / embedding policy, through the library API with reference.json's documented
+method (docs/conversion.md records the output).
 
     python kernels/convert_perplexity.py [--models tinystories-1m tinystories-6m]
 
@@ -36,6 +37,8 @@ def perplexity(model, ids, window=256, bos=1):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--models", nargs="+", default=["tinystories-1m", "tinystories-6m"])
+    p.add_argument("--windows", type=int, default=None,
+                   help="score only the first N windows (default: all, reference.json's)")
     args = p.parse_args()
     import sentencepiece
     tok = SHARED / "tinystories-tokenizer"
@@ -46,20 +49,33 @@ def main():
                          f"and their validation text live in ../shared)")
     sp = sentencepiece.SentencePieceProcessor(model_file=str(tok / "tokenizer.model"))
     ids = sp.encode((tok / "valid.txt").read_text(encoding="utf-8"))
+    if args.windows:
+        ids = ids[:args.windows * 255]
     print(f"valid.txt: {len(ids)} ids, {math.ceil(len(ids) / 255)} windows")
-    print(f"{'model':16s} {'reference':>9s} {'f32':>9s} {'diff':>7s} {'Q40':>9s} {'vs f32':>7s}")
+    # (--quant, --output-quant, --embedding-quant); None: the converter's default
+    policies = [("f32", None, None), ("f16", None, None), ("bf16", None, None),
+                ("q80", None, None), ("q40", "q40", None), ("q40", None, None),
+                ("q40", "f32", None), ("q40", "q80", "q80"), ("q40", "q80", "f32")]
+    print(f"{'model':16s} {'--quant':>7s} {'output':>6s} {'embed':>6s} {'MB':>6s} "
+          f"{'perplexity':>10s} {'vs f32':>7s} {'vs ref':>7s}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             ref = json.loads((SHARED / name / "reference.json").read_text())
             ref = ref["valid_perplexity"]["perplexity"]
-            result, started = {}, time.perf_counter()
-            for quant, sync in (("f32", "f32"), ("q40", "q80")):
-                out = Path(tmp) / f"{name}-{quant}.h5"
-                convert(SHARED / name / "hf", out, quant, log=lambda m: None)
-                result[quant] = perplexity(dllm.load(out, sync=sync, prefill_chunk=256), ids)
-            print(f"{name:16s} {ref:9.4f} {result['f32']:9.4f} {result['f32'] / ref - 1:7.2%} "
-                  f"{result['q40']:9.4f} {result['q40'] / result['f32'] - 1:7.2%}  "
-                  f"({time.perf_counter() - started:.0f} s)")
+            base = None
+            for quant, output, embedding in policies:
+                started = time.perf_counter()
+                out = Path(tmp) / f"{name}-{quant}-{output}-{embedding}.h5"
+                _, reports = convert(SHARED / name / "hf", out, quant, output_quant=output,
+                                     embedding_quant=embedding, log=lambda m: None)
+                types = {r.name: r.quant for r in reports}
+                sync = "f32" if quant == "f32" else "q80"
+                ppl = perplexity(dllm.load(out, sync=sync, prefill_chunk=256), ids)
+                base = base or ppl
+                print(f"{name:16s} {quant:>7s} {types['output']:>6s} "
+                      f"{types['tok_embeddings']:>6s} {out.stat().st_size / 1e6:6.2f} "
+                      f"{ppl:10.4f} {ppl / base - 1:7.2%} {ppl / ref - 1:7.2%}  "
+                      f"({time.perf_counter() - started:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from dllm import backend
-from dllm.generate import default_model
+from dllm import demo_model
 
 from test_cli import mpirun_command, TIMEOUT
 
@@ -20,7 +20,7 @@ def run_bench(n, *args):
 def test_bench_writes_one_json_line_per_run(tmp_path, scheme):
     out = tmp_path / "runs.jsonl"
     for n, kernels in ((1, "numpy"), (2, backend.choose())):
-        result = run_bench(n, "--model", default_model(), "--prompt-len", 8, "--decode-tokens",
+        result = run_bench(n, "--model", demo_model(), "--prompt-len", 8, "--decode-tokens",
                            4, "--sync-scheme", scheme, "--out", out, "--kernels", kernels)
         assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]

@@ -11,9 +11,9 @@ from pathlib import Path
 import h5py
 import pytest
 
-from dllm.generate import default_model
+from dllm import demo_model
 
-DEMO = default_model()
+DEMO = demo_model()
 TIMEOUT = 90
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import dllm
+from dllm.comm import Comm
 from dllm.config import ModelConfig
 from dllm.convert import convert, hf_to_interleaved, main
 from dllm.converters.common import LazyTensor, permute_rows, zero_padded
@@ -29,6 +30,7 @@ from dllm.errors import DllmError
 from dllm.kernels import rope_frequencies, rope_tables
 from dllm.modelfile import ModelFile, tensor_shapes
 from dllm.quant import dequantize_q40
+from dllm.weight_types import TYPES
 
 from conftest import SHARED, WORLD, all_ranks, random_weights
 from reference import _rope, reference_logits, relative_error
@@ -639,3 +641,151 @@ def test_inspect_shows_config_tokenizer_tensors_and_memory_per_rank(sources, cap
     assert inspect_main([sources["llama2c"], "--ranks", "5"]) == 1
     assert "cannot split 4 query heads over 5 ranks" in capsys.readouterr().err
     assert inspect_main([sources["llama2c"] + ".missing"]) == 1
+
+
+# --- GGUF files of every type, kept as stored (format v2) ------------------------------------
+
+GGUF_LAYOUTS = {
+    # llama.cpp's Q4_0: the layers Q4_0, the classifier Q8_0, the embedding F32
+    "llama.cpp-q4_0": lambda n: {"output": "Q8_0", "tok_embeddings": "F32"}.get(n, "Q4_0"),
+    "q8_0": lambda n: "Q8_0",
+    "f16": lambda n: "F16",
+    "bf16": lambda n: "BF16",
+}
+KEPT = {"Q4_0": "q40", "Q8_0": "q80", "F16": "f16", "BF16": "bf16", "F32": "f32"}
+
+
+def gguf_values(data, kind):
+    """The float values of a GGUF tensor, by gguf-py (independent of dllm's decoders)."""
+    import gguf
+    if kind in ("F32", "F16"):
+        return np.asarray(data, np.float32)
+    return gguf.quants.dequantize(np.asarray(data), gguf.GGMLQuantizationType[kind])
+
+
+@pytest.fixture(scope="module")
+def typed_ggufs(tmp_path_factory):
+    """Each layout of GGUF_LAYOUTS converted with the default (keep); root writes."""
+    out = None
+    if WORLD.is_root:
+        base = tmp_path_factory.mktemp("typed")
+        weights = random_weights(TINY, 11)
+        out = {}
+        for layout, qtype in GGUF_LAYOUTS.items():
+            stored = write_gguf(base / f"{layout}.gguf", weights, TINY, qtype=qtype)
+            _, reports = convert(base / f"{layout}.gguf", base / f"{layout}.h5", log=quiet)
+            values = {n: gguf_values(d, qtype(n) if d.ndim == 2 else "F32")
+                      for n, d in stored.items()}
+            out[layout] = (str(base / f"{layout}.h5"), stored, values,
+                           {r.name: (r.quant, r.max_err) for r in reports})
+    return WORLD.bcast(out)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("layout", GGUF_LAYOUTS)
+def test_gguf_types_are_kept_and_run_like_their_own_weights(typed_ggufs, layout):
+    """Every tensor stored in its GGUF type byte for byte; the logits at this world size
+    (f32 sync, numpy kernels) equal a float64 forward of the GGUF's own dequantized values."""
+    path, stored, values, reports = typed_ggufs[layout]
+    qtype = GGUF_LAYOUTS[layout]
+    logits = dllm.load(path, sync="f32", kernels="numpy").logits(TOKENS)
+    ok = True
+    if WORLD.is_root:
+        with h5py.File(path, "r") as f:
+            for name, data in stored.items():
+                if data.ndim == 2:
+                    ok &= reports[name] == (KEPT[qtype(name)], None)        # copied
+                    ok &= f[name][()].tobytes() == np.asarray(data).tobytes()
+        error = relative_error(logits, reference_logits(values, TINY, TOKENS))
+        print(layout, error)
+        ok &= error <= 1e-4
+    assert all_ranks(ok)
+
+
+@pytest.mark.mpi
+def test_gguf_types_run_on_the_fast_kernels_and_in_pipeline_mode(typed_ggufs):
+    """The llama.cpp layout (Q4_0, Q8_0, F32) on the default kernels, tensor and pipeline,
+    Q80 sync: close to the float forward (Q80 rounding of the activations and, on the fast
+    kernels, of the decode inputs)."""
+    path, _, values, _ = typed_ggufs["llama.cpp-q4_0"]
+    runs = [dllm.load(path).logits(TOKENS)]
+    if WORLD.size <= TINY.n_layers:
+        runs.append(dllm.load(path, parallel="pipeline").logits(TOKENS))
+    ok = True
+    if WORLD.is_root:
+        expected = reference_logits(values, TINY, TOKENS)
+        ok = all(relative_error(r, expected) <= 0.05 for r in runs)
+    assert all_ranks(ok)
+
+
+def random_q4_k(rng, rows, cols):
+    """GGML Q4_K bytes (rows, cols/256*144) that gguf-py decodes, whose codes and 6-bit
+    scales are random: d and dmin (the first two f16 of each 144-byte block) are small."""
+    import gguf
+    blocks = rows * cols // 256
+    raw = rng.integers(0, 256, (blocks, 144), dtype=np.uint8)
+    raw[:, 0:2] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
+    raw[:, 2:4] = np.frombuffer(np.float16(0.001).tobytes(), np.uint8)
+    data = raw.reshape(rows, cols // 256 * 144)
+    values = gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q4_K)
+    return data, values
+
+
+def test_gguf_k_quants_are_requantized_with_a_warning_and_their_error(tmp_path):
+    import gguf
+    cfg = ModelConfig(dim=256, hidden_dim=256, n_layers=1, n_heads=4, n_kv_heads=4,
+                      vocab_size=32, max_seq_len=16)
+    rng = np.random.default_rng(3)
+    weights = random_weights(cfg, 12)
+    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
+    for add, value in ((w.add_context_length, 16), (w.add_embedding_length, 256),
+                       (w.add_block_count, 1), (w.add_feed_forward_length, 256),
+                       (w.add_head_count, 4), (w.add_head_count_kv, 4),
+                       (w.add_layer_norm_rms_eps, cfg.norm_eps),
+                       (w.add_rope_freq_base, cfg.rope_theta)):
+        add(value)
+    values = {}
+    for name, array in weights.items():
+        if array.ndim == 2 and name.startswith("layers/"):
+            data, values[name] = random_q4_k(rng, *array.shape)
+            w.add_tensor(gguf_name(name), data, raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+        else:
+            values[name] = np.asarray(array, np.float32)
+            w.add_tensor(gguf_name(name), values[name])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    said = []
+    _, reports = convert(tmp_path / "k.gguf", tmp_path / "k.h5", log=said.append)
+    warnings = [m for m in said if "Q4_K" in m]
+    assert len(warnings) == 1 and "requantized to q80" in warnings[0], said
+    by_name = {r.name: r for r in reports}
+    with ModelFile(tmp_path / "k.h5") as mf:
+        for name, v in values.items():
+            if name.startswith("layers/") and v.ndim == 2:
+                r = by_name[name]
+                assert (r.source, r.quant, mf.tensor_quant(name)) == ("Q4_K", "q80", "q80")
+                got = TYPES["q80"].dequantize(mf.read(name))
+                assert np.isclose(r.max_err, np.abs(got - v).max(), rtol=1e-5)
+                assert 0 < r.rms_err < 0.01 * r.rms
+    _, reports = convert(tmp_path / "k.gguf", tmp_path / "k4.h5", other_quant="q40",
+                         log=quiet)
+    assert {r.quant for r in reports if r.source == "Q4_K"} == {"q40"}
+
+
+def test_format_v1_files_still_load(tmp_path):
+    """A v1 file (q40 and f32 only, format_version 1) loads as it did."""
+    weights = random_weights(TINY, 13)
+    convert(write_llama2c(tmp_path / "m.bin", weights, TINY), tmp_path / "m.h5", "q40",
+            output_quant="q40", log=quiet)
+    with h5py.File(tmp_path / "m.h5", "r+") as f:
+        f.attrs["format_version"] = 1
+        f.attrs["quant"] = "q40"
+    model = dllm.load(str(tmp_path / "m.h5"), comm=Comm.self_comm(), sync="f32",
+                      kernels="numpy")
+    assert model.quant == "q40" and model.logits(TOKENS).shape == (len(TOKENS), TINY.vocab_size)
+    with h5py.File(tmp_path / "m.h5", "r+") as f:
+        f["layers/0/wq"].attrs["quant"] = "q80"      # v1 had no q80
+    with pytest.raises(DllmError, match="bad quant"):
+        dllm.load(str(tmp_path / "m.h5"), comm=Comm.self_comm())

@@ -19,7 +19,7 @@ from dllm.config import ModelConfig
 from dllm.convert import convert_hf
 from dllm.errors import DllmError
 from dllm.evaluate import Question
-from dllm.generate import default_model
+from dllm import demo_model
 from dllm.modelfile import ModelFile, write_model
 from dllm.tokenizer import Tokenizer
 
@@ -28,7 +28,7 @@ from reference import reference_logits, relative_error
 
 MMLU = SHARED / "data" / "mmlu"
 REAL_SUBJECTS = ["high_school_geography", "marketing"]
-DEMO = default_model()
+DEMO = demo_model()
 # A tiny random float32 model with the demo's 512-token vocabulary and 256-token context.
 TINY = ModelConfig(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2,
                    vocab_size=512, max_seq_len=256)

@@ -13,7 +13,7 @@ import pytest
 
 from dllm import evaluate
 from dllm.eval import Progress
-from dllm.generate import default_model
+from dllm import demo_model
 from test_cli import mpirun_command
 from test_eval import fake_results, write_toy_mmlu
 
@@ -46,7 +46,7 @@ def toy(tmp_path_factory):
 
 def demo_results(world_size, **changes):
     """A results file as `mmlu --data toy` with the demo model would start it."""
-    settings = {"split": "test", "shots": 5, "limit": None, "model": default_model().name,
+    settings = {"split": "test", "shots": 5, "limit": None, "model": demo_model().name,
                 "quant": "q40", "sync": "q80", "sync_scheme": "slices",
                 "world_size": world_size, "prefill_chunk": 64, "max_seq_len": 256}
     return {**evaluate.new_results(settings, {"A": [422], "B": [377], "C": [456, 506],
@@ -260,7 +260,7 @@ def test_eval_job_continues_its_results_file_when_requeued(toy, tmp_path):
                                   'exec "$@"\n')   # drop srun's options, run the command
     (bin_dir / "srun").chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DLLM_VENV": sys.prefix,
-           "MODEL": str(default_model()), "DATA": str(toy), "LIMIT": "2", "SYNC": "f32",
+           "MODEL": str(demo_model()), "DATA": str(toy), "LIMIT": "2", "SYNC": "f32",
            "SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     runs = []
     for subjects in ("toy_colours", "toy_colours toy_arithmetic"):

@@ -22,7 +22,7 @@ import pytest
 
 from conftest import random_weights
 from dllm.config import ModelConfig
-from dllm.generate import default_model
+from dllm import demo_model
 from dllm.modelfile import ModelFile, write_model
 from test_cli import assert_one_clear_error, mpirun_command
 
@@ -37,7 +37,7 @@ SLACK = 10           # the issue's bound: the job ends within timeout + 10 s
 @pytest.fixture(scope="module")
 def deep_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("faults") / "deep-q40.h5"
-    with ModelFile(default_model()) as demo:
+    with ModelFile(demo_model()) as demo:
         tokenizer = demo.tokenizer()
     write_model(path, DEEP, random_weights(DEEP, seed=5).items(), quant="q40",
                 tokenizer=tokenizer)
@@ -378,7 +378,7 @@ def test_resume_bad_input(deep_model, tmp_path):
                             good)).returncode == 0
     assert_one_clear_error(run(generate_cmd(2, "--resume", good, "--steps", 7)),
                            "--steps 7 differs")
-    assert_one_clear_error(run(generate_cmd(2, "--resume", good, "--model", default_model())),
+    assert_one_clear_error(run(generate_cmd(2, "--resume", good, "--model", demo_model())),
                            "not the model the transcript was made with")
 
 
@@ -445,7 +445,7 @@ CORRUPTIONS = {
 def test_malformed_model_rejected_at_load(case, tmp_path):
     corrupt, fragment = CORRUPTIONS[case]
     path = tmp_path / "bad.h5"
-    shutil.copy(default_model(), path)
+    shutil.copy(demo_model(), path)
     if corrupt is None:
         with open(path, "r+b") as f:
             f.truncate(path.stat().st_size * 2 // 3)

@@ -30,11 +30,11 @@ import pytest
 from conftest import random_weights
 from dllm import bench, convert, eval as eval_cli, generate, inspect, plan
 from dllm.comm import Comm
-from dllm.generate import default_model
+from dllm import demo_model
 from test_cli import mpirun_command
 from test_convert import TINY, write_hf
 
-DEMO = default_model()
+DEMO = demo_model()
 MAINS = {"dllm.generate": generate.main, "dllm.convert": convert.main,
          "dllm.inspect": inspect.main, "dllm.eval": eval_cli.main, "dllm.bench": bench.main,
          "dllm.plan": plan.main}

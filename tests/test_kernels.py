@@ -28,10 +28,10 @@ def test_matmul_q40_rejects_mismatched_width():
         kernels.matmul_q40(np.zeros((1, 64), np.float32), np.zeros((2, 18), np.uint8))
 
 
-def test_matmul_dispatch_f32():
-    w = rng().standard_normal((5, 8)).astype(np.float32)
-    x = rng(1).standard_normal((3, 8)).astype(np.float32)
-    np.testing.assert_allclose(kernels.matmul(x, w, "f32"), x @ w.T, rtol=1e-6)
+def test_matmul_tiles_crosses_tile_boundaries():
+    w = rng().standard_normal((kernels.MIN_TILE_ROWS * 3 + 5, 64)).astype(np.float32)
+    x = rng(1).standard_normal((3, 64)).astype(np.float32)
+    np.testing.assert_allclose(kernels.matmul_tiles(x, w, lambda t: t), x @ w.T, rtol=1e-5)
 
 
 def test_rmsnorm_matches_reference():

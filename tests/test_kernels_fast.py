@@ -107,8 +107,8 @@ def test_f32_weights_keep_blas():
     w = rng().standard_normal((5, 64)).astype(np.float32)
     x = rng(1).standard_normal((1, 64)).astype(np.float32)
     fast = backend.make("fast", 1)
-    np.testing.assert_allclose(fast.matmul(fast.quantize_input(x), fast.prepare(w)), x @ w.T,
-                               rtol=1e-6)
+    np.testing.assert_allclose(fast.matmul(fast.quantize_input(x), fast.prepare(w, "f32")),
+                               x @ w.T, rtol=1e-6)
 
 
 def test_mismatched_width_is_refused():

@@ -9,6 +9,7 @@ import dllm
 from dllm.comm import Comm
 from dllm.quant import dequantize_q40, quantize_q40
 from dllm.sampler import Sampler
+from dllm.weight_types import NAMES, TYPES
 
 from conftest import CONFIGS, WORLD, all_ranks, make_model, random_weights
 from reference import reference_logits, relative_error
@@ -148,4 +149,35 @@ def test_fast_kernels_against_numpy_kernels_and_the_reference(model_dir, name):
         errors = [relative_error(fast_block, numpy_block), relative_error(numpy_steps, expected),
                   relative_error(fast_steps, expected)]
         ok = errors[0] <= 1e-5 and errors[1] <= 1e-4 and 0 < errors[2] <= 0.03
+    assert all_ranks(ok)
+
+
+@pytest.mark.parametrize("quant", NAMES)
+def test_every_weight_type_runs_in_both_modes_and_both_payloads(model_dir, quant):
+    """Every type of the table, tensor and pipeline mode, f32 and Q80 sync, decode and
+    prefill, on the default kernels: f32 sync on the numpy kernels equals the reference of
+    the file's dequantized weights to float rounding; the rest to Q8_0 rounding."""
+    cfg = CONFIGS["tied"]
+    path = make_model(model_dir, "tied", quant)
+    modes = ["tensor"] + (["pipeline"] if WORLD.size <= cfg.n_layers else [])
+    runs = {}
+    for mode in modes:
+        for sync, kernels in (("f32", "numpy"), ("q80", None)):
+            model = dllm.load(path, sync=sync, parallel=mode, kernels=kernels,
+                              prefill_chunk=4)
+            block = model.logits(TOKENS)
+            steps = [model.forward([t], pos) for pos, t in enumerate(TOKENS[:4])]
+            runs[mode, sync] = (block, None if block is None else np.concatenate(steps),
+                                model.quant)
+    ok = True
+    if WORLD.is_root:
+        t = TYPES[quant]
+        weights = {k: t.dequantize(t.quantize(v)) if v.ndim == 2 else v
+                   for k, v in random_weights(cfg, 0).items()}
+        expected = reference_logits(weights, cfg, TOKENS)
+        for (mode, sync), (block, steps, described) in runs.items():
+            bound = 1e-4 if sync == "f32" else 0.05
+            errors = (relative_error(block, expected), relative_error(steps, expected[:4]))
+            ok &= described == quant and max(errors) <= bound
+            print(quant, mode, sync, errors)
     assert all_ranks(ok)

@@ -13,8 +13,9 @@ from dllm.comm import Comm
 from dllm.config import ModelConfig
 from dllm.errors import DllmError
 from dllm.modelfile import write_model
-from dllm.pipeline import HEADER_BYTES, split_layers, stage_tensors
-from dllm.profile import stage_bytes
+from dllm.pipeline import HEADER_BYTES
+from dllm.placement import split_layers, stage_bytes
+from dllm.placement import stage_entries
 from dllm.sampler import Sampler
 from dllm.stats import conditions
 
@@ -56,15 +57,15 @@ def test_split_layers_is_contiguous_and_covers_every_layer(n_layers, size):
     assert max(counts) - min(counts) <= 1
 
 
-def test_stage_tensors_root_holds_embedding_and_classifier():
+def test_stage_entries_root_holds_embedding_and_classifier():
     cfg = CONFIGS["gqa"]
-    root = {key for key, *_ in stage_tensors(cfg, (0, 1), True)}
-    other = {key for key, *_ in stage_tensors(cfg, (1, 2), False)}
+    root = {key for key, *_ in stage_entries(cfg, (0, 1), True)}
+    other = {key for key, *_ in stage_entries(cfg, (1, 2), False)}
     assert {"tok_embeddings", "output", "norm", "layers/0/wq"} <= root
     assert not any(k.startswith("layers/1/") for k in root)
     assert other == {f"layers/1/{n}" for n in ("attention_norm", "ffn_norm", "wq", "wk", "wv",
                                                 "wo", "w1", "w2", "w3")}
-    tied = {key for key, *_ in stage_tensors(CONFIGS["tied"], (0, 0), True)}
+    tied = {key for key, *_ in stage_entries(CONFIGS["tied"], (0, 0), True)}
     assert "output" not in tied   # the embedding serves as classifier
 
 

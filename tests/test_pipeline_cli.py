@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from dllm.generate import default_model
+from dllm import demo_model
 
 from test_cli import TIMEOUT, assert_one_clear_error, mpirun_command, run_generate
 
@@ -39,7 +39,7 @@ def test_generate_pipeline_errors_are_one_line(tmp_path):
 
 def test_bench_pipeline_line(tmp_path):
     out = tmp_path / "runs.jsonl"
-    result = run_bench(2, "--model", default_model(), "--parallel", "pipeline", "--prompt-len", 8,
+    result = run_bench(2, "--model", demo_model(), "--parallel", "pipeline", "--prompt-len", 8,
                        "--decode-tokens", 4, "--out", out)
     assert result.returncode == 0, result.stderr
     record = json.loads(out.read_text())
@@ -51,7 +51,7 @@ def test_bench_refuses_a_rank_without_layers_in_one_line(tmp_path):
     """It used to divide by the rank's empty weights (ZeroDivisionError)."""
     (tmp_path / "p.json").write_text('{"devices": [{"memory": "1GB"}, {"memory": "1GB"}], '
                                      '"layers": [4, 0]}')
-    result = run_bench(2, "--model", default_model(), "--parallel", "pipeline", "--profile",
+    result = run_bench(2, "--model", demo_model(), "--parallel", "pipeline", "--profile",
                        tmp_path / "p.json", "--prompt-len", 4, "--decode-tokens", 2)
     lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
@@ -61,7 +61,7 @@ def test_bench_refuses_a_rank_without_layers_in_one_line(tmp_path):
 
 def test_bench_compare_reports_every_mode(tmp_path):
     out = tmp_path / "compare.jsonl"
-    result = run_bench(2, "compare", "--model", default_model(), "--sequences", "1,2",
+    result = run_bench(2, "compare", "--model", demo_model(), "--sequences", "1,2",
                        "--decode-tokens", 3, "--sync", "f32", "--out", out)
     assert result.returncode == 0, result.stderr
     assert [line.split()[0] for line in result.stdout.splitlines()] == [
@@ -82,6 +82,6 @@ def test_bench_compare_reports_every_mode(tmp_path):
 
 
 def test_bench_compare_bad_modes_are_one_line():
-    result = run_bench(2, "compare", "--model", default_model(), "--modes", "tensor,diagonal")
+    result = run_bench(2, "compare", "--model", demo_model(), "--modes", "tensor,diagonal")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("dllm.bench: error: --modes must name some of")

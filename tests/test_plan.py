@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dllm import demo_model
 from dllm.config import ModelConfig
 from dllm.errors import DllmError
-from dllm.generate import default_model
 from dllm.plan import (CostModel, Plan, baseline_note, check_table, crowding_distance,
                        greedy_memory_plan, min_latency_plan, nondominated_sort, nsga2, recommend,
                        search)
-from dllm.profile import Profile, stage_bytes
+from dllm.placement import stage_bytes
+from dllm.profile import Profile, as_profile
 
 from test_cli import TIMEOUT, mpirun_command
 
@@ -217,7 +218,7 @@ def run_plan(*args, n=None):
 
 def test_search_cli_writes_plans(tmp_path):
     out = tmp_path / "plans.json"
-    result = run_plan("search", "--profile", EXAMPLE, "--model", default_model(),
+    result = run_plan("search", "--profile", EXAMPLE, "--model", demo_model(),
                       "--generations", 5, "--population", 12, "-o", out)
     assert result.returncode == 0, result.stderr
     assert "Warning" not in result.stderr
@@ -226,6 +227,14 @@ def test_search_cli_writes_plans(tmp_path):
     assert record["front"] and record["recommended"]
     plan = record["front"][record["recommended"][0]]
     assert plan["profile"]["layers"] == plan["layers"] and plan["order"][0] == "m1"
+    # the plans file is a --profile itself: its recommended plan, or #N of its front
+    chosen = as_profile(str(out))
+    assert list(chosen.layers) == plan["layers"]
+    assert [d.name for d in chosen.devices] == plan["order"]
+    last = len(record["front"]) - 1
+    assert list(as_profile(f"{out}#{last}").layers) == record["front"][last]["layers"]
+    with pytest.raises(DllmError, match="no plan 99"):
+        as_profile(f"{out}#99")
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -245,15 +254,15 @@ def test_calibrate_search_check_end_to_end(tmp_path):
     """Two ranks: measure, plan, run the recommended plans (no accuracy asserted here: see
     docs/parallelism.md for the measured comparison)."""
     profile, plans, checks = tmp_path / "p.json", tmp_path / "plans.json", tmp_path / "c.jsonl"
-    result = run_plan("calibrate", "--model", default_model(), "-o", profile, "--repeats", 2,
+    result = run_plan("calibrate", "--model", demo_model(), "-o", profile, "--repeats", 2,
                       n=2)
     assert result.returncode == 0, result.stderr
     devices = json.loads(profile.read_text())["devices"]
     assert len(devices) == 2 and devices[0]["speed"] == 1.0
-    result = run_plan("search", "--profile", profile, "--model", default_model(),
+    result = run_plan("search", "--profile", profile, "--model", demo_model(),
                       "--sequences", 2, "--generations", 5, "--population", 12, "-o", plans)
     assert result.returncode == 0, result.stderr
-    result = run_plan("check", plans, "--model", default_model(), "--decode-tokens", 2,
+    result = run_plan("check", plans, "--model", demo_model(), "--decode-tokens", 2,
                       "--out", checks, n=2)
     assert result.returncode == 0, result.stderr
     rows = json.loads(checks.read_text())["rows"]

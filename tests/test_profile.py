@@ -11,9 +11,9 @@ import dllm
 from dllm.comm import Comm
 from dllm.config import ModelConfig
 from dllm.errors import DllmError
-from dllm.profile import (Profile, assign_layers, check_tensor_memory, layer_bytes, kv_bytes,
-                          parse_bytes, pipeline_stages, read_profile, root_bytes, stage_bytes,
-                          tensor_shares)
+from dllm.placement import kv_bytes, layer_bytes, root_bytes, stage_bytes
+from dllm.profile import (Profile, assign_layers, check_tensor_memory, parse_bytes,
+                          pipeline_stages, read_profile, tensor_shares)
 from dllm.shard import block_split, blocked_rows, plan, proportional_counts
 from dllm.stats import conditions
 

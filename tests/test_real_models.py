@@ -99,8 +99,8 @@ def test_logits_equal_independent_forward_over_hf_weights(name, converted):
 def test_demo_model_greedy_matches_f32_for_its_first_tokens(converted):
     """The shipped Q40 demo model stays close to the f32 model: same first greedy words."""
     hf_folder("tinystories-1m")
-    from dllm.generate import default_model
+    from dllm import demo_model
     prompt = [1, 393, 413, 261, 375]
     runs = [list(dllm.load(path, sync=sync).generate(prompt, 8, Sampler(0.0), stop_at_eos=False))
-            for path, sync in ((converted["tinystories-1m"], "f32"), (default_model(), "q80"))]
+            for path, sync in ((converted["tinystories-1m"], "f32"), (demo_model(), "q80"))]
     assert all_ranks(runs[0] == runs[1])

@@ -1,15 +1,23 @@
 """dllm: tensor-parallel Llama inference over MPI for clusters of small machines.
 
     import dllm
-    model = dllm.load("model.h5")               # collective: every rank calls it
+    model = dllm.load(dllm.demo_model())        # collective: every rank calls it
     logits = model.logits([1, 393, 413])        # (T, vocab) float32 on root, None elsewhere
 """
-from . import _threads  # noqa: F401  (first: pins BLAS threads before numpy loads)
+from importlib import resources
+from pathlib import Path
+
 from .config import ModelConfig
 from .errors import DllmError, ModelFileError
 
 __version__ = "0.1.0"
-__all__ = ["load", "ModelConfig", "DllmError", "ModelFileError", "Sampler"]
+__all__ = ["load", "demo_model", "ModelConfig", "DllmError", "ModelFileError", "Sampler"]
+
+
+def demo_model():
+    """Path of the demo model shipped inside the package: tinystories-1m, converted to Q40
+    by dllm.convert (context 256 tokens, with its tokenizer)."""
+    return Path(str(resources.files("dllm") / "data" / "tinystories-1m-q40.h5"))
 
 
 def load(path, comm=None, **options):

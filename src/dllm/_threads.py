@@ -6,8 +6,9 @@ meaningless. One rank per machine with several threads (``--threads N``, ``DLLM_
 ``dllm.load(threads=N)``) is the other way to use a machine's cores, as Distributed Llama's
 --nthreads: fewer ranks share each Allgather.
 
-This module must be imported before numpy (``dllm/__init__.py`` does so first): the pools are
-pinned through the environment before they start, then resized by ``use``.
+The pools are sized at run time by ``use`` (every dllm.load calls it), through threadpoolctl
+for BLAS, so it works whichever module imported numpy first and leaves the user's own
+OMP_NUM_THREADS & co. alone.
 """
 import os
 
@@ -31,14 +32,9 @@ def from_env():
     return _parse(os.environ.get("DLLM_THREADS") or 1, "DLLM_THREADS")
 
 
-try:
-    THREADS = from_env()
-except DllmError:
-    THREADS = 1     # reported by the first use() (load checks it again), never at import
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-             "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
-    os.environ[_var] = str(THREADS)
-os.environ.setdefault("NUMEXPR_MAX_THREADS", str(max(THREADS, os.cpu_count() or 1)))
+# The user's own thread variables are left as they are; BLAS and numexpr are sized at run
+# time (use), which works whether or not numpy was imported first.
+os.environ.setdefault("NUMEXPR_MAX_THREADS", str(os.cpu_count() or 1))
 # numba's threads: OpenMP first (its workqueue layer gave no speedup inside a model here), its
 # workers told to sleep rather than spin after each parallel loop, as spinning takes the cores
 # that OpenBLAS's threads need for the prefill gemm that follows.
@@ -46,16 +42,19 @@ os.environ.setdefault("NUMBA_THREADING_LAYER_PRIORITY", "omp tbb workqueue")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+_applied = None      # the thread count use() last gave the pools
+
+
 def use(n=None):
     """Give this rank n compute threads (None: DLLM_THREADS or 1) in BLAS (threadpoolctl)
-    and numexpr; returns n. numba's pool is sized by the fast backend, which is the only one
-    that imports numba (dllm.backend.FastKernels)."""
-    global THREADS
+    and numexpr, at run time; returns n. numba's pool is sized by the fast backend, which is
+    the only one that imports numba (dllm.backend.FastKernels)."""
+    global _applied
     n = from_env() if n is None else _parse(n, "--threads")
-    if n != THREADS:
+    if n != _applied:
         import numexpr
         from threadpoolctl import threadpool_limits
         threadpool_limits(n, user_api="blas")
         numexpr.set_num_threads(n)
-    THREADS = n
+        _applied = n
     return n

@@ -12,10 +12,9 @@ The run's conditions record which ran (dllm.stats.conditions).
 """
 import os
 
-import numpy as np
-
-from . import _threads, kernels
+from . import _threads
 from .errors import DllmError
+from .weight_types import Matrix, weight_type
 
 KERNELS = ("numpy", "fast")
 FAST_HELP = "pip install 'dllm[fast]' (numba)"
@@ -42,19 +41,20 @@ def choose(name=None):
 
 
 class NumpyKernels:
-    """The reference backend: weights stay as stored, inputs stay float32."""
+    """The reference backend: weights stay as stored (weight_types.Matrix), inputs float32;
+    every type multiplies by its table entry's numpy kernel."""
     name = "numpy"
 
     def __init__(self, threads=1):
         self.threads = threads
 
-    def prepare(self, w):
-        """A stored weight as this backend multiplies it (Q4_0 bytes or float32: as is)."""
-        return w
+    def prepare(self, w, wtype):
+        """A stored matrix of type `wtype` (a weight_types name) as this backend multiplies it."""
+        return Matrix(w, weight_type(wtype))
 
     def stored(self, w):
-        """The stored array (Q4_0 bytes or float32) a prepared weight was made from."""
-        return w
+        """The stored array a weight this rank keeps was made from (norms: themselves)."""
+        return w.data if isinstance(w, Matrix) else w
 
     def quantize_input(self, x):
         """x (T, n) float32, as every matmul of this backend takes it."""
@@ -62,12 +62,13 @@ class NumpyKernels:
 
     def matmul(self, x, w):
         """quantize_input(x) (T, n) times a prepared weight (rows, n), transposed."""
-        return kernels.matmul(x, w, "q40" if w.dtype == np.uint8 else "f32")
+        return w.wtype.matmul(x, w.data)
 
 
 class FastKernels:
-    """numba kernels: Q4_0 weights repacked (kernels_fast.Q40Packed), inputs as Q8_0 when
-    decoding, matrix rows split over `threads` threads."""
+    """numba kernels: Q4_0 weights repacked (kernels_fast.Q40Packed) and multiplied by Q8_0
+    inputs when decoding; Q8_0 weights multiplied by Q8_0 inputs as stored; every other type
+    (and Q8_0 prefill) by its numpy kernel; matrix rows split over `threads` threads."""
     name = "fast"
 
     def __init__(self, threads=1):
@@ -76,13 +77,15 @@ class FastKernels:
         kernels_fast.set_threads(threads)
         kernels_fast.warm_up(threads)
 
-    def prepare(self, w):
-        if w.dtype == np.uint8 and w.ndim == 2:
+    def prepare(self, w, wtype):
+        if wtype == "q40":
             return self.fast.pack_q40(w)
-        return w
+        return Matrix(w, weight_type(wtype))
 
     def stored(self, w):
-        return self.fast.unpack_q40(w) if isinstance(w, self.fast.Q40Packed) else w
+        if isinstance(w, self.fast.Q40Packed):
+            return self.fast.unpack_q40(w)
+        return w.data if isinstance(w, Matrix) else w
 
     def quantize_input(self, x):
         """x (T, n) float32 -> Q8_0 once for every matmul of it when T = 1 (decode)."""

@@ -1,7 +1,7 @@
 """What every entry point shares: the error contract and an argparse that only root prints.
 
 Contract: a user mistake (DllmError) prints one line, "<prog>: error: <message>", on root and
-every rank exits 1, without a traceback. DllmError is raised collectively (see Comm.agree), so
+every rank exits 1 (2 for a command line that does not parse), without a traceback. DllmError is raised collectively (see Comm.agree), so
 no rank is left in a collective. Anything else is a bug: that rank prints its traceback and
 aborts the whole job, so the other ranks do not hang. A rank that stops or dies is the
 watchdog's (dllm.watchdog, started here on every rank of a multi-rank job): it names the lost
@@ -14,7 +14,7 @@ import traceback
 
 from .backend import KERNELS
 from .checks import check_values, finite_float
-from .errors import DllmError, LoneError
+from .errors import DllmError, LoneError, UsageError, exit_status
 
 FLUSH_SECONDS = 1.0     # between the last line and an abort (see abort_job)
 MPI_HELP = ("install an MPI library: pip install 'dllm[mpich]' (PyPI MPICH), or your system's "
@@ -27,6 +27,8 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, is_root=True, **kwargs):
         super().__init__(*args, **kwargs)
         self.is_root = is_root
+        from . import __version__
+        self.add_argument("--version", action="version", version=f"dllm {__version__}")
 
     def add_argument(self, *args, **kwargs):
         # Every float flag of every command is finite: "--timeout nan" must not pass as a
@@ -43,7 +45,7 @@ class ArgumentParser(argparse.ArgumentParser):
         return parsed
 
     def error(self, message):
-        raise DllmError(f"{message} (see --help)")
+        raise UsageError(f"{message} (see --help)")
 
     def _print_message(self, message, file=None):
         if self.is_root:
@@ -93,9 +95,9 @@ def add_kernel_options(p):
 
 def load_model(comm, args):
     """dllm.load with the engine options (collective); the embedded demo without --model."""
-    from .generate import default_model
+    from . import demo_model
     from .loading import load
-    return load(args.model or default_model(), comm, sync=args.sync,
+    return load(args.model or demo_model(), comm, sync=args.sync,
                 max_seq_len=args.max_seq_len, weights_from=args.weights_from,
                 tokenizer=args.tokenizer, prefill_chunk=args.prefill_chunk,
                 sync_scheme=args.sync_scheme, parallel=args.parallel, profile=args.profile,
@@ -168,7 +170,7 @@ def run(main, argv, prog):
             print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
         if alone and comm.size > 1:
             abort_job(comm, 1)
-        return 1
+        return exit_status(exc)
     except KeyboardInterrupt:
         if comm.is_root:
             print(f"{prog}: interrupted", file=sys.stderr, flush=True)

@@ -1,6 +1,7 @@
 """python -m dllm.convert: checkpoints to the dllm model file.
 
-    python -m dllm.convert SRC -o OUT.h5 [--quant q40|f32] [--tokenizer PATH]
+    python -m dllm.convert SRC -o OUT.h5 [--quant q40|q80|f16|bf16|f32|keep]
+        [--output-quant T] [--embedding-quant T] [--other-quant T] [--tokenizer PATH]
     python -m dllm.convert synthetic --preset llama2-7b [--layers N] [--tokenizer PATH] -o OUT.h5
 
 SRC is a Hugging Face Llama folder, a GGUF file or a llama2.c .bin, told apart by content
@@ -17,14 +18,16 @@ import threading
 
 from .atomic import interrupted
 from .cli import ArgumentParser
-from .converters import FORMATS, open_checkpoint
-from .converters.common import error_table, prepare, with_tokenizer, write_checkpoint
+from .converters import FORMATS, detect_format, open_checkpoint
+from .converters.common import (QUANT_CHOICES, TypePolicy, error_table, prepare,
+                                with_tokenizer, write_checkpoint)
 from .converters.hf import HF_NAMES, hf_to_interleaved  # noqa: F401  (public API)
 from .converters.synthetic import PRESETS, read_synthetic
-from .errors import DllmError
+from .errors import DllmError, exit_status
 from .atomic import remove_stale_temporaries
 from .checks import check_paths
 from .tokenizer import CHAT_TEMPLATES
+from .weight_types import describe_types
 
 PROG = "dllm.convert"
 
@@ -34,16 +37,18 @@ class Terminated(BaseException):
     (a BaseException, so no `except Exception` on the way swallows it)."""
 
 
-def convert(source, out, quant="q40", fmt=None, tokenizer=None, chat_template=None,
-            progress=False, log=print, allow_nonfinite=False):
-    """Convert one checkpoint to `out`; returns (config, TensorReports). Warnings go to log;
-    progress: draw a progress bar on stderr; allow_nonfinite: convert NaN/inf weights
-    instead of refusing them."""
-    if quant not in ("q40", "f32"):
-        raise DllmError(f"--quant must be q40 or f32, got {quant!r}")
-    ckpt = prepare(with_tokenizer(open_checkpoint(source, quant, fmt, tokenizer), tokenizer,
-                                  chat_template), quant, allow_nonfinite)
-    return ckpt.config, _write(ckpt, out, quant, progress, log)
+def convert(source, out, quant=None, fmt=None, tokenizer=None, chat_template=None,
+            progress=False, log=print, allow_nonfinite=False, output_quant=None,
+            embedding_quant=None, other_quant=None):
+    """Convert one checkpoint to `out`; returns (config, TensorReports). quant,
+    output_quant, embedding_quant, other_quant: the weight types (common.TypePolicy; None:
+    its defaults). Warnings go to log; progress: draw a progress bar on stderr;
+    allow_nonfinite: convert NaN/inf weights instead of refusing them."""
+    fmt = fmt or detect_format(source)
+    policy = TypePolicy.of(quant, output_quant, embedding_quant, other_quant, fmt)
+    ckpt = prepare(with_tokenizer(open_checkpoint(source, fmt, tokenizer), tokenizer,
+                                  chat_template), policy, allow_nonfinite)
+    return ckpt.config, _write(ckpt, out, progress, log)
 
 
 def convert_hf(folder, out, quant="q40", log=print):
@@ -52,20 +57,22 @@ def convert_hf(folder, out, quant="q40", log=print):
 
 
 def convert_synthetic(preset, out, layers=None, seed=0, progress=False, log=print,
-                      tokenizer=None, chat_template=None):
-    """Write random Q4_0 weights of a preset's shapes, with the tokenizer file `tokenizer`
-    (of the preset's vocabulary size) when given; returns (config, TensorReports)."""
+                      tokenizer=None, chat_template=None, quant="q40"):
+    """Write random Q4_0 weights of a preset's shapes (stored as `quant`: Q4_0 copied,
+    another type requantized from them), with the tokenizer file `tokenizer` (of the
+    preset's vocabulary size) when given; returns (config, TensorReports)."""
+    policy = TypePolicy.of(quant, fmt="synthetic")
     ckpt = prepare(with_tokenizer(read_synthetic(preset, layers, seed), tokenizer,
-                                  chat_template), "q40")
-    return ckpt.config, _write(ckpt, out, "q40", progress, log)
+                                  chat_template), policy)
+    return ckpt.config, _write(ckpt, out, progress, log)
 
 
-def _write(ckpt, out, quant, progress, log):
+def _write(ckpt, out, progress, log):
     for warning in ckpt.warnings:
         log(f"{PROG}: warning: {warning}")
     for stale in remove_stale_temporaries(out):
         log(f"{PROG}: removed {stale}, left by a conversion that no longer runs")
-    return write_checkpoint(ckpt, out, quant, progress)
+    return write_checkpoint(ckpt, out, progress)
 
 
 def build_parser():
@@ -73,9 +80,18 @@ def build_parser():
     p.add_argument("source", help="Hugging Face folder, .gguf file, llama2.c .bin, or the "
                                   "word 'synthetic' (with --preset)")
     p.add_argument("-o", "--output", required=True, help="output .h5 model file")
-    p.add_argument("--quant", default="q40", choices=("q40", "f32"),
-                   help="weight type of the matrices (default q40; GGUF Q4_0 tensors are "
-                        "copied as they are)")
+    p.add_argument("--quant", default=None, choices=QUANT_CHOICES,
+                   help="weight type of the layers' matrices; keep: each tensor's source "
+                        "type where dllm has it (GGUF: copied byte for byte). Default: keep "
+                        "for GGUF, else q40")
+    p.add_argument("--output-quant", default=None, choices=QUANT_CHOICES,
+                   help="weight type of the classifier (default: q80 when --quant is q40, "
+                        "else as --quant; docs/conversion.md)")
+    p.add_argument("--embedding-quant", default=None, choices=QUANT_CHOICES,
+                   help="weight type of the token embedding (default: as --quant)")
+    p.add_argument("--other-quant", default=None, choices=QUANT_CHOICES[:-1],
+                   help="with keep: the type for source types dllm lacks (GGUF K-quants "
+                        "Q4_K, Q6_K, ...: dequantized, requantized; default q80)")
     p.add_argument("--format", default=None, choices=FORMATS,
                    help="source format (default: detected from the content)")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
@@ -106,7 +122,7 @@ def main(argv=None):
         return _main(args)
     except DllmError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        return exit_status(exc)
     except (KeyboardInterrupt, Terminated) as exc:   # write_model removed its temporary file
         print(f"{PROG}: interrupted; {_on_disk(args and args.output, before)}",
               file=sys.stderr, flush=True)
@@ -158,25 +174,26 @@ def _main(args):
     if args.source == "synthetic":
         if args.preset is None:
             raise DllmError(f"synthetic needs --preset ({', '.join(PRESETS)})")
-        if args.quant != "q40":
-            raise DllmError("synthetic models are written with Q40 weights only")
         if args.format is not None:
             raise DllmError("--format applies to checkpoint files, not to 'synthetic'")
+        if args.quant == "keep" or args.output_quant or args.embedding_quant \
+                or args.other_quant:
+            raise DllmError("synthetic weights take --quant only (they are Q4_0 at source)")
         config, reports = convert_synthetic(args.preset, args.output, args.layers,
                                             args.seed or 0, not args.quiet, log,
-                                            args.tokenizer, args.chat_template)
-        quant = "q40"
+                                            args.tokenizer, args.chat_template,
+                                            args.quant or "q40")
     else:
         if args.preset is not None or args.layers is not None or args.seed is not None:
             raise DllmError("--preset, --layers and --seed apply to 'synthetic' only")
         config, reports = convert(args.source, args.output, args.quant, args.format,
                                   args.tokenizer, args.chat_template, not args.quiet, log,
-                                  args.allow_nonfinite)
-        quant = args.quant
+                                  args.allow_nonfinite, args.output_quant,
+                                  args.embedding_quant, args.other_quant)
     if not args.quiet:
         log(error_table(reports))
     log(f"{PROG}: wrote {args.output} ({config.n_layers} layers, dim {config.dim}, "
-        f"vocab {config.vocab_size}, {quant})")
+        f"vocab {config.vocab_size}, {describe_types({r.name: r.quant for r in reports})})")
     return 0
 
 

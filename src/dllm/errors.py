@@ -12,6 +12,18 @@ class DllmError(Exception):
     """A clear, one-line problem with the user's input; never a bug in dllm."""
 
 
+class UsageError(DllmError):
+    """A command line that does not parse (an unknown flag, a missing argument): exit
+    status 2, as argparse's convention says, where other DllmErrors exit 1."""
+
+    exit_status = 2
+
+
+def exit_status(exc):
+    """The exit status of an entry point that stops on DllmError exc."""
+    return getattr(exc, "exit_status", 1)
+
+
 class ModelFileError(DllmError):
     """The model file is missing, truncated, corrupt or of an unknown format version."""
 

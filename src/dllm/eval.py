@@ -18,7 +18,7 @@ from .cli import (ArgumentParser, add_engine_options, add_fault_options, entry, 
                   model_loaded, root_print, run, use_fault_options)
 from .checks import check_paths, read_file, read_json
 from .errors import DllmError
-from .generate import default_model
+from . import demo_model
 from .atomic import write_json
 from .stats import conditions
 
@@ -102,7 +102,7 @@ def _expected_settings(comm, args):
     and its context, from the flags and the model file's header, so that an --out of other
     settings is refused before minutes go into loading a large model."""
     from .modelfile import ModelFile
-    path = args.model or default_model()
+    path = args.model or demo_model()
     with ModelFile(path) as mf:
         quant, context = mf.quant, args.max_seq_len or mf.config.max_seq_len
     # A pipeline model reports its scheme as "pipeline" (dllm.pipeline.PipelineModel.scheme).

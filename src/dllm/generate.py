@@ -8,11 +8,11 @@ root records the prompt, the tokens so far and the sampler's state after every t
 --resume continues such a record after a crash, on any number of ranks (docs/faults.md).
 """
 import sys
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
+from . import demo_model
 from .atomic import write_json
 from .cli import (ArgumentParser, add_engine_options, add_fault_options, entry, load_model,
                   model_loaded, root_print, run, use_fault_options)
@@ -31,11 +31,6 @@ RESUMED = ("prompt", "steps", "temperature", "top_p", "seed", "no_stop", "sync",
            "prefill_chunk", "max_seq_len", "parallel", "profile", "kernels")
 # Version 1 did not record these: its resume takes them from the command line, as it did.
 NOT_IN_VERSION_1 = ("parallel", "profile", "kernels")
-
-
-def default_model():
-    """The demo model shipped inside the package."""
-    return Path(str(resources.files("dllm") / "data" / "tinystories-1m-q40.h5"))
 
 
 def build_parser(is_root=True):
@@ -268,7 +263,7 @@ def chat(comm, model, args, sampler):
     conversation (dllm.tokenizer.chat_prompt_ids) and streams the reply; every rank runs the
     forward passes and stops at the same end-of-turn token, which root broadcasts."""
     from .tokenizer import chat_stop_ids
-    template = comm.from_root(_chat_template, model, args.model or default_model())
+    template = comm.from_root(_chat_template, model, args.model or demo_model())
     stops = comm.from_root(lambda: chat_stop_ids(model.tokenizer, template))
     messages = [("system", args.system)] if args.system else []   # used on root only
     while True:

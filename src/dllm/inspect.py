@@ -5,16 +5,14 @@ shapes and types grouped on one line), and the memory each of N ranks will hold:
 slices (shard.plan, as dllm.load reads them) and its KV cache. Reads only attributes and
 dataset shapes, never the weights. Not a collective: runs in one process, MPI not needed.
 """
-import math
 import re
 import sys
 from collections import OrderedDict
 
-import numpy as np
-
 from .cli import ArgumentParser
-from .errors import DllmError
-from .modelfile import ModelFile, stored_shape, tensor_shapes
+from .errors import DllmError, exit_status
+from .modelfile import ModelFile, tensor_shapes
+from .placement import entries_bytes, kv_bytes, tensor_entries
 from .shard import SCHEMES, plan
 
 PROG = "dllm.inspect"
@@ -40,7 +38,7 @@ def main(argv=None):
             print(describe(mf, args.ranks, args.sync_scheme, args.max_seq_len))
     except DllmError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        return exit_status(exc)
     except BrokenPipeError:
         return 0
     return 0
@@ -49,8 +47,8 @@ def main(argv=None):
 def describe(mf, ranks=None, scheme="slices", max_seq_len=None):
     """The whole report as text."""
     c = mf.config
-    lines = [f"model       {mf.path} ({_size(mf.path.stat().st_size)}), dllm format v1, "
-             f"matrices {mf.quant}",
+    lines = [f"model       {mf.path} ({_size(mf.path.stat().st_size)}), dllm format "
+             f"v{mf.version}, matrices {mf.quant}",
              f"config      dim {c.dim}, hidden {c.hidden_dim}, layers {c.n_layers}, heads "
              f"{c.n_heads} (kv {c.n_kv_heads}, head_dim {c.head_dim}), vocab {c.vocab_size}",
              f"            context {c.max_seq_len}, rope theta {c.rope_theta:g}"
@@ -138,28 +136,15 @@ def memory_table(mf, ranks, scheme, max_seq_len):
                    f"{'rank':>4s} {'weights':>10s} {'kv cache':>10s} {'total':>10s}")
         for shard in shards:
             weights = rank_weight_bytes(mf, shard, shard.rank == 0)
-            kv = 2 * c.n_layers * shard.n_kv_heads * max_seq_len * c.head_dim * 4
+            kv = c.n_layers * kv_bytes(c, max_seq_len, shard.n_kv_heads)
             out.append(f"  {'':9s}{shard.rank:>4d} {_size(weights):>10s} {_size(kv):>10s} "
                        f"{_size(weights + kv):>10s}")
     return out
 
 
 def rank_weight_bytes(mf, shard, is_root):
-    """Bytes of the stored slices a rank reads (loading.local_tensors' entries)."""
-    from .loading import local_tensors
-    total = 0
-    for _, name, rows, cols in local_tensors(mf.config, shard, is_root):
-        shape = tuple(int(n) for n in mf.h5[name].attrs.get("shape", mf.h5[name].shape))
-        n_rows = shape[0] if rows is None or len(shape) == 1 else rows[1] - rows[0]
-        n_cols = shape[-1] if cols is None else cols[1] - cols[0]
-        quant = _text(mf.h5[name].attrs.get("quant"))
-        if len(shape) == 1:
-            total += shape[0] * 4
-            continue
-        stored, dtype = stored_shape((n_rows, math.ceil(n_cols / 32) * 32 if quant == "q40"
-                                      else n_cols), quant)
-        total += math.prod(stored) * np.dtype(dtype).itemsize
-    return total
+    """Bytes of the stored slices a rank reads (placement.tensor_entries)."""
+    return entries_bytes(mf.config, mf.types(), tensor_entries(mf.config, shard, is_root))
 
 
 def _text(value):

@@ -29,9 +29,18 @@ MIN_TILE_ROWS = 32
 PREFILL_TILE_FACTOR = 16
 
 
-def matmul(x, w, quant):
-    """y = x W^T for a weight stored as `quant` ("q40" bytes or "f32"). x (T, n) -> (T, rows)."""
-    return matmul_q40(x, w) if quant == "q40" else x @ w.T
+def matmul_tiles(x, w_stored, dequantize):
+    """x (T, n) float32 times a stored matrix (rows, ...) transposed -> (T, rows) float32, for
+    any weight type: tiles of rows dequantized to float32 (`dequantize`, exact for every
+    type of dllm.weight_types) into scratch, each multiplied by BLAS."""
+    rows = w_stored.shape[0]
+    T, n = x.shape
+    tile = max(1, min(rows, max(MIN_TILE_ROWS, TILE_WEIGHTS // max(n, 1))))
+    out = np.empty((T, rows), dtype=np.float32)
+    for r0 in range(0, rows, tile):
+        values = dequantize(w_stored[r0:r0 + tile])                  # (r, n) float32
+        np.matmul(x, values.T, out=out[:, r0:r0 + len(values)])
+    return out
 
 
 def matmul_q40(x, w_q40):
@@ -118,13 +127,34 @@ def matmul_q40_q80_ref(x, w_q40):
     w_blocks = w_q40.reshape(rows, nb, Q40_BLOCK_BYTES)
     w_codes = np.concatenate([w_blocks[..., 2:] & 15, w_blocks[..., 2:] >> 4],
                              axis=-1).astype(np.int64) - 8                  # (rows, nb, 32)
-    w_scales = w_blocks[..., :2].copy().view("<f2")[..., 0].astype(np.float64)  # (rows, nb)
-    x_blocks = quantize_q80(np.asarray(x, np.float32)).reshape(len(x), nb, 34)
+    return _block_dots_ref(w_codes, _scales_ref(w_blocks), x)
+
+
+def _scales_ref(blocks):
+    """The f16 scales that start blocks (..., nb, bytes), as float64 (..., nb)."""
+    return blocks[..., :2].copy().view("<f2")[..., 0].astype(np.float64)
+
+
+def _block_dots_ref(w_codes, w_scales, x):
+    """Sum over blocks of (integer codes of W) . (Q8_0 codes of x), each block's exact
+    integer dot product times both scales, in float64. w_codes (rows, nb, 32) int64,
+    w_scales (rows, nb); x (T, nb*32) float32 -> (T, rows) float32."""
+    x_blocks = quantize_q80(np.asarray(x, np.float32)).reshape(len(x), w_codes.shape[1], 34)
     x_codes = x_blocks[..., 2:].view(np.int8).astype(np.int64)              # (T, nb, 32)
-    x_scales = x_blocks[..., :2].copy().view("<f2")[..., 0].astype(np.float64)  # (T, nb)
     block_dots = np.einsum("rbj,tbj->trb", w_codes, x_codes)               # exact integers
     return np.einsum("trb,rb,tb->tr", block_dots.astype(np.float64), w_scales,
-                     x_scales).astype(np.float32)
+                     _scales_ref(x_blocks)).astype(np.float32)
+
+
+def matmul_q80_q80_ref(x, w_q80):
+    """Reference twin of GGML's Q8_0 x Q8_0 arithmetic (ggml_vec_dot_q8_0_q8_0), which the
+    fast backend's decode kernel does for Q8_0 weights: x quantized to Q8_0, exact integer
+    block dot products scaled by both f16 scales, summed in float64. (T, rows) float32."""
+    rows, row_bytes = w_q80.shape
+    nb = row_bytes // 34
+    w_blocks = w_q80.reshape(rows, nb, 34)
+    w_codes = w_blocks[..., 2:].view(np.int8).astype(np.int64)               # (rows, nb, 32)
+    return _block_dots_ref(w_codes, _scales_ref(w_blocks), x)
 
 
 def rmsnorm(x, weight, eps):

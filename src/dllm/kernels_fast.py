@@ -214,6 +214,50 @@ def gemv_q40_q80(xq, w, threads=1):
     return out[None, :w.rows]
 
 
+# --- decode: Q8_0 x Q8_0 matrix-vector (GGML's ggml_vec_dot_q8_0_q8_0) ---------------------
+
+@njit(nogil=True, cache=True)
+def _gemv_q80_rows(codes, scale_bytes, r0, r1, x_codes, x_scale, out):
+    """out[r - r0] = row r of a stored Q8_0 matrix times the input, rows r0..r1-1. codes:
+    the matrix's bytes as int8 (rows, nb*34), scale_bytes the same bytes as uint8."""
+    nb = x_codes.shape[0]
+    for r in range(r0, r1):
+        acc = np.float32(0.0)
+        for b in range(nb):
+            o = b * 34
+            block_sum = np.int32(0)
+            for j in range(32):
+                block_sum += np.int32(codes[r, o + 2 + j]) * np.int32(x_codes[b, j])
+            d = F16_TO_F32[np.int32(scale_bytes[r, o]) | (np.int32(scale_bytes[r, o + 1]) << 8)]
+            acc += np.float32(block_sum) * (d * x_scale[b])
+        out[r - r0] = acc
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _gemv_q80_parallel(codes, scale_bytes, x_codes, x_scale, out, chunks):
+    rows = codes.shape[0]
+    for c in prange(chunks):
+        r0, r1 = c * rows // chunks, (c + 1) * rows // chunks
+        _gemv_q80_rows(codes, scale_bytes, r0, r1, x_codes, x_scale, out[r0:r1])
+
+
+def gemv_q80_q80(xq, w_q80, threads=1):
+    """Q80Input of x (1, n) times a stored Q8_0 matrix (rows, n/32*34) uint8, transposed ->
+    (1, rows) float32: each block's int8 x int8 dot product is an exact int32, scaled by
+    both f16 scales (the reference twin: kernels.matmul_q80_q80_ref)."""
+    rows, row_bytes = w_q80.shape
+    if xq.codes.shape[0] * 34 != row_bytes:
+        raise ValueError(f"input width {xq.codes.shape[0] * 32} does not match a Q8_0 matrix "
+                         f"of {row_bytes // 34 * 32} columns")
+    out = np.empty(rows, np.float32)
+    operands = (w_q80.view(np.int8), w_q80, xq.codes, xq.scale)
+    if threads > 1 and rows >= threads:
+        _gemv_q80_parallel(*operands, out, threads)
+    else:
+        _gemv_q80_rows(operands[0], operands[1], 0, rows, xq.codes, xq.scale, out)
+    return out[None]
+
+
 # --- prefill: dequantized tiles times f32 inputs (BLAS) -----------------------------------
 
 @njit(nogil=True, cache=True)
@@ -275,15 +319,18 @@ def gemm_q40(x, w, threads=1):
 
 
 def matmul(x, w, threads=1):
-    """quantize_input(x) or x (T, n), times W (Q40Packed or float32 (rows, n)) transposed ->
-    (T, rows) float32."""
+    """quantize_input(x) or x (T, n), times W transposed -> (T, rows) float32. W: a
+    Q40Packed, or a weight_types.Matrix (Q8_0 decodes here; every other case runs its
+    type's numpy kernel: dequantized tiles times BLAS)."""
     if isinstance(x, Q80Input):
         if isinstance(w, Q40Packed):
             return gemv_q40_q80(x, w, threads)
+        if w.wtype.name == "q80":
+            return gemv_q80_q80(x, w.data, threads)
         x = x.x
     if isinstance(w, Q40Packed):
         return gemm_q40(x, w, threads)
-    return x @ w.T
+    return w.wtype.matmul(x, w.data)
 
 
 def warm_up(threads=1):
@@ -291,8 +338,13 @@ def warm_up(threads=1):
     machine, a few seconds) or the loading of its cache (about 0.3 s) happens now, while a
     model loads, rather than inside the first timed prefill or decode step."""
     w = pack_q40(np.zeros((GROUP_ROWS * threads + TAIL_ROWS, Q40_BLOCK_BYTES), np.uint8))
+    w_q80 = np.zeros((2 * threads, 34), np.uint8)
     for T in (1, 2):
-        matmul(quantize_input(np.ones((T, 32), np.float32)), w, threads)
+        x = quantize_input(np.ones((T, 32), np.float32))
+        matmul(x, w, threads)
+        if T == 1:
+            gemv_q80_q80(x, w_q80, threads)
+            gemv_q80_q80(x, w_q80[:1], 1)
 
 
 def set_threads(n):

@@ -14,40 +14,38 @@ import numpy as np
 from .backend import make as make_kernels
 from .config import ModelConfig
 from .errors import DllmError
-from .model import LAYER_MATRICES, Model, prepare_weight
+from .model import Model, prepare_weight
 from .modelfile import ModelFile
+from .placement import shard_bytes, stage_bytes, stage_entries, tensor_entries
+from .profile import (_mb, check_tensor_memory, pipeline_stages, tensor_shares,
+                      use_profile)
 from .shard import plan
 from .sync import PAYLOADS
 from .tokenizer import Tokenizer
+from .weight_types import TYPES
 
 WEIGHTS_FROM = ("file", "root")
 PARALLEL = ("tensor", "pipeline")
 
 
-def local_tensors(config, shard, is_root):
-    """(key, dataset, rows, cols) of every array a rank holds; None = all rows / columns."""
-    entries = [("tok_embeddings", "tok_embeddings", None, None)] if is_root else []
-    classifier = "tok_embeddings" if config.tie_embeddings else "output"
-    entries += [("output", classifier, shard.vocab_rows, None), ("norm", "norm", None, None)]
-    for layer in range(config.n_layers):
-        prefix = f"layers/{layer}/"
-        entries += [(prefix + n, prefix + n, None, None) for n in ("attention_norm", "ffn_norm")]
-        entries += [(prefix + n, prefix + n, shard.rows(n), shard.cols(n))
-                    for n in LAYER_MATRICES]
-    return entries
-
-
-def check_scheme(shards, quant):
-    """Row-parallel schemes cut wo and w2 by columns: Q4_0 needs them in whole blocks."""
-    if quant != "q40" or not shards[0].row_parallel:
+def check_scheme(shards, types, n_layers):
+    """Row-parallel schemes cut wo and w2 by columns: a block type (Q4_0, Q8_0) needs each
+    rank's columns in whole blocks."""
+    if not shards[0].row_parallel:
+        return
+    blocked = {TYPES[types[f"layers/{i}/{n}"]] for i in range(n_layers)
+               for n in ("wo", "w2")} if isinstance(types, dict) else {TYPES[types]}
+    block = max(t.block for t in blocked)
+    if block == 1:
         return
     for s in shards:
         for a, b in (s.q_rows, s.hidden_rows):
-            if a % 32 or b % 32:
+            if a % block or b % block:
                 raise DllmError(
-                    f"--sync-scheme {s.scheme} with Q40 weights needs each rank's attention "
-                    f"and hidden columns in whole 32-value blocks; rank {s.rank} has "
-                    f"columns {a}..{b} (head_dim {s.head_dim}): use --sync-scheme slices")
+                    f"--sync-scheme {s.scheme} with {'/'.join(sorted(t.ggml for t in blocked))} "
+                    f"weights needs each rank's attention and hidden columns in whole "
+                    f"{block}-value blocks; rank {s.rank} has columns {a}..{b} (head_dim "
+                    f"{s.head_dim}): use --sync-scheme slices")
 
 
 def check_options(sync, weights_from, max_seq_len, prefill_chunk):
@@ -64,13 +62,13 @@ def check_options(sync, weights_from, max_seq_len, prefill_chunk):
 
 def _read_header(path):
     with ModelFile(path) as mf:
-        return mf.config.to_dict(), mf.quant
+        return mf.config.to_dict(), mf.types()
 
 
 def _read_local(path, entries, is_root, prepare):
     try:
         with ModelFile(path) as mf:
-            return {key: prepare(key, mf.read(name, rows, cols))
+            return {key: prepare(key, mf.read(name, rows, cols), mf.tensor_quant(name))
                     for key, name, rows, cols in entries}
     except DllmError as exc:
         if is_root:
@@ -110,8 +108,7 @@ def available_memory():
 def check_host_memory(comm, need, context):
     """Collective: refuse to load, on every rank alike and before anything is allocated,
     when the ranks that share a host need more memory than it has available. need: this
-    rank's weights and KV cache in bytes (dllm.profile.shard_bytes / stage_bytes)."""
-    from .profile import _mb
+    rank's weights and KV cache in bytes (dllm.placement.shard_bytes / stage_bytes)."""
     hosts = {}
     for rank, (host, n, free) in enumerate(comm.allgather(
             (socket.gethostname(), int(need), available_memory()))):
@@ -130,16 +127,17 @@ def check_host_memory(comm, need, context):
 def read_weights(comm, path, weights_from, entries_of, prepare=None):
     """Collective: this rank's arrays {key: array}, entries_of(rank) listing every rank's
     (key, dataset, rows, cols): each rank reads its own ("file"), or root reads and sends
-    them ("root"). prepare(key, array), if given, turns each array into what the rank keeps
-    as soon as it is read (kernels' layout), so that only one stored copy exists at a time."""
-    prepare = prepare or (lambda key, array: array)
+    them ("root"). prepare(key, array, weight type), if given, turns each array into what
+    the rank keeps as soon as it is read (kernels' layout), so that only one stored copy
+    exists at a time."""
+    prepare = prepare or (lambda key, array, wtype: array)
     if weights_from == "file":
         return comm.agree(_read_local, path, entries_of(comm.rank), comm.is_root, prepare)
     return _weights_from_root(comm, path, entries_of, prepare)
 
 
 def _weights_from_root(comm, path, entries_of, prepare):
-    """Root reads every rank's arrays (entries_of(rank): see local_tensors) and sends them;
+    """Root reads every rank's arrays (entries_of(rank): see placement) and sends them;
     returns this rank's weights. When root refuses the file (a NaN scale in rank 2's slice),
     every rank still waiting for an array is told at once instead of the next header, and
     all raise root's error together: none waits for the load timeout."""
@@ -150,10 +148,11 @@ def _weights_from_root(comm, path, entries_of, prepare):
                 for served in range(1, comm.size):
                     for key, name, rows, cols in entries_of(served):
                         array = mf.read(name, rows, cols)
-                        comm.send_obj((array.shape, array.dtype.str), served, tag=1)
+                        comm.send_obj((array.shape, array.dtype.str, mf.tensor_quant(name)),
+                                      served, tag=1)
                         comm.send_array(array, served, tag=2)
                 served = comm.size
-                weights = {key: prepare(key, mf.read(name, rows, cols))
+                weights = {key: prepare(key, mf.read(name, rows, cols), mf.tensor_quant(name))
                            for key, name, rows, cols in entries_of(0)}
         except DllmError as exc:
             error = str(exc)
@@ -165,9 +164,9 @@ def _weights_from_root(comm, path, entries_of, prepare):
             header = comm.recv_obj(source=0, tag=1)
             if header is None:
                 break
-            shape, dtype = header
+            shape, dtype, wtype = header
             weights[key] = prepare(key, comm.recv_array(shape, np.dtype(dtype), source=0,
-                                                        tag=2))
+                                                        tag=2), wtype)
     error = comm.bcast(error if comm.is_root else None)
     if error is not None:
         raise DllmError(error)
@@ -193,8 +192,6 @@ def load(path, comm=None, sync="q80", max_seq_len=None, weights_from="file",
     Raises DllmError on every rank for bad input.
     """
     from .comm import Comm
-    from .profile import (check_tensor_memory, pipeline_stages, shard_bytes, tensor_shares,
-                          use_profile)
     comm = Comm.wrap(comm)
     check_options(sync, weights_from, max_seq_len, prefill_chunk)
     kernels = comm.agree(make_kernels, kernels, threads)
@@ -202,34 +199,40 @@ def load(path, comm=None, sync="q80", max_seq_len=None, weights_from="file",
         raise DllmError(f"--parallel must be one of {', '.join(PARALLEL)}, got {parallel!r}")
     if parallel == "pipeline" and sync_scheme != "slices":
         raise DllmError(f"--sync-scheme {sync_scheme} applies to --parallel tensor only")
-    config_dict, quant = comm.from_root(_read_header, path)
+    config_dict, types = comm.from_root(_read_header, path)
     config = ModelConfig.from_dict(config_dict)
     if max_seq_len is not None and max_seq_len > config.max_seq_len:
         raise DllmError(f"max_seq_len (--max-seq-len) {max_seq_len} exceeds the model's context of "
                         f"{config.max_seq_len}")
     profile = use_profile(comm, profile)
     context = max_seq_len or config.max_seq_len
+
+    def prepare(key, array, wtype):     # kernels' layout as each array is read
+        return prepare_weight(kernels, key, array, wtype)
+
     if parallel == "pipeline":
-        from .pipeline import load_pipeline
-        from .profile import stage_bytes
-        stages = pipeline_stages(config, quant, comm.size, profile, context)
+        from .pipeline import PipelineModel
+        stages = pipeline_stages(config, types, comm.size, profile, context)
         start, stop = stages[comm.rank]
-        check_host_memory(comm, stage_bytes(config, quant, stop - start, comm.is_root, context),
+        check_host_memory(comm, stage_bytes(config, types, stop - start, comm.is_root, context),
                           context)
         tok = comm.root_only(_load_tokenizer, path, tokenizer, config)
-        return load_pipeline(comm, path, config, quant, stages, sync=sync,
-                             max_seq_len=max_seq_len, weights_from=weights_from, tokenizer=tok,
-                             prefill_chunk=prefill_chunk, kernels=kernels)
-    shares = tensor_shares(config, quant, profile, context) if profile else None
+        weights = read_weights(comm, path, weights_from,
+                               lambda rank: stage_entries(config, stages[rank], rank == 0),
+                               prepare)
+        return PipelineModel(comm, config, stages, weights, types, sync=sync,
+                             max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
+                             tokenizer=tok, path=str(path), profile=stages.profile,
+                             kernels=kernels)
+    shares = tensor_shares(config, types, profile, context) if profile else None
     shards = plan(config, comm.size, sync_scheme, shares)  # raises on every rank if it cannot
-    check_scheme(shards, quant)
+    check_scheme(shards, types, config.n_layers)
     if profile:
-        check_tensor_memory(config, quant, profile, shards, context)
-    check_host_memory(comm, shard_bytes(config, quant, shards[comm.rank], comm.is_root, context),
+        check_tensor_memory(config, types, profile, shards, context)
+    check_host_memory(comm, shard_bytes(config, types, shards[comm.rank], comm.is_root, context),
                       context)
     tok = comm.root_only(_load_tokenizer, path, tokenizer, config)
     weights = read_weights(comm, path, weights_from,
-                           lambda rank: local_tensors(config, shards[rank], rank == 0),
-                           lambda key, array: prepare_weight(kernels, key, array))
-    return Model(comm, config, shards, weights, sync=sync, max_seq_len=max_seq_len,
+                           lambda rank: tensor_entries(config, shards[rank], rank == 0), prepare)
+    return Model(comm, config, shards, weights, types, sync=sync, max_seq_len=max_seq_len,
                  prefill_chunk=prefill_chunk, tokenizer=tok, path=str(path), kernels=kernels)

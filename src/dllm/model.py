@@ -19,78 +19,86 @@ token and layer (n ranks; Q80 carries 32 values in 34 bytes; f32 in 128):
 Per layer each rank receives (n-1)/n of (dim + dim + hidden_dim + dim) values. Norms and
 residual adds are replicated: every rank decodes the same gathered bytes, so the residual
 stream is bit-identical on all ranks.
+
+Payload rounding, one rule for every mode and rank count: every activation the table above
+exchanges (attention output, wo and w2 outputs, hidden) is rounded to the sync payload
+(Q80: quantized and dequantized) on every rank, its own slice included, even on one rank;
+pipeline stages (dllm.pipeline) run this same layer loop and round the same activations,
+plus the residual stream where it passes from one stage to the next.
 """
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from .backend import make as make_kernels
 from .errors import DllmError
 from .kernels import attention, rmsnorm, rope, rope_tables, swiglu
-from .quant import dequantize_q40
+from .modelfile import LAYER_MATRICES, NORMS
 from .shard import slice_sizes
 from .sync import SliceExchange
-
-LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-
-
-@dataclass
-class ForwardRecord:
-    """What one forward call cost on this rank."""
-    tokens: int
-    pos: int
-    seconds: float
-    sync_seconds: float
-    bytes_sent: int
-    bytes_received: int
+from .weight_types import Matrix, describe_types, weight_type
 
 
 @dataclass
 class RunState:
     """Buffers allocated once per model: this rank's KV cache (its own kv heads only)."""
-    k_cache: np.ndarray  # (n_layers, local kv heads, max_seq_len, head_dim) float32
+    k_cache: np.ndarray  # (layers held, local kv heads, max_seq_len, head_dim) float32
     v_cache: np.ndarray
     residual: np.ndarray = None  # (T, dim) residual stream after the last forward
-    trace: list = field(default_factory=list)
 
 
 class Model:
     """A Llama model distributed over the ranks of `comm`; built by ``dllm.load``.
 
+    The one engine of every parallel mode. Tensor mode (this class): every rank holds a
+    slice of every layer (shards: dllm.shard's plan) and the layer loop's collectives run
+    over all ranks. Pipeline mode (dllm.pipeline.PipelineModel, a subclass): a rank holds
+    whole layers [a, b) and runs the same layer loop as a tensor-parallel group of one rank
+    (`group`), whose collectives only round each exchanged activation to the sync payload,
+    as tensor mode does at every rank count.
+
     weights: this rank's stored arrays keyed by dataset name ("layers/3/wq", "norm", ...;
-    "output" is this rank's classifier rows; "tok_embeddings" exists on root only). A uint8
-    array is Q4_0 bytes, a float32 one is f32; the matrices are handed to `kernels`
-    (dllm.backend) to hold in its own layout.
+    "output" is this rank's classifier rows; "tok_embeddings" exists on root only), each
+    matrix as `kernels` (dllm.backend) holds it, already prepared by prepare_weight as it
+    was read. types: {dataset name: weight type} of the model file (dllm.weight_types).
     """
 
-    def __init__(self, comm, config, shards, weights, sync="q80", max_seq_len=None,
-                 prefill_chunk=64, tokenizer=None, path=None, kernels=None):
-        shard = shards[comm.rank]
+    def __init__(self, comm, config, shards, weights, types, sync="q80", max_seq_len=None,
+                 prefill_chunk=64, tokenizer=None, path=None, kernels=None, group=None,
+                 layer_range=None):
+        shard = shards[0 if group is not None else comm.rank]
         self.comm, self.config, self.shard, self.scheme = comm, config, shard, shard.scheme
+        self.group = group or comm      # the ranks that share every layer this rank holds
         self.sync, self.prefill_chunk, self.tokenizer, self.path = sync, prefill_chunk, tokenizer, path
         self.max_seq_len = max_seq_len or config.max_seq_len
-        wq = weights["layers/0/wq"]    # as stored, or as prepared while it was read
-        self.quant = getattr(wq, "quant", None) or ("q40" if wq.dtype == np.uint8 else "f32")
+        self.types, self.quant = types, describe_types(types)
         self.kernels = kernels or make_kernels()
-        self.weights = prepare_matrices(self.kernels, weights)
-        self.layers = [{name: weights[f"layers/{i}/{name}"]
-                        for name in LAYER_MATRICES + ("attention_norm", "ffn_norm")}
-                       for i in range(config.n_layers)]
+        self.weights = weights
+        self.layer_range = layer_range or (0, config.n_layers)
+        self.layers = [{name: weights[f"layers/{i}/{name}"] for name in LAYER_MATRICES + NORMS}
+                       for i in range(*self.layer_range)]
         self.exchange_attention = SliceExchange(slice_sizes(shards, "attention"), sync)
         self.exchange_dim = SliceExchange(slice_sizes(shards, "dim"), sync)
         self.exchange_hidden = SliceExchange(slice_sizes(shards, "hidden"), sync)
         # Row-parallel schemes: every rank's full-width partial sum ("partials"), or one chunk
         # of dim per rank for the reduce-scatter ("reduce", the dim slices again).
-        self.exchange_partials = SliceExchange([config.dim] * comm.size, sync)
+        self.exchange_partials = SliceExchange([config.dim] * len(shards), sync)
         self.vocab_widths = slice_sizes(shards, "vocab")
         # Query head h reads kv head h // q_per_kv; index it within this rank's cache.
         heads = np.arange(*shard.heads)
         self.head_kv = heads // config.q_per_kv - shard.kv_heads[0]
         self.rope_cos, self.rope_sin = rope_tables(config.head_dim, self.max_seq_len,
                                                    config.rope_theta, **config.rope_scaling_args)
-        cache_shape = (config.n_layers, shard.n_kv_heads, self.max_seq_len, config.head_dim)
-        self.state = RunState(np.zeros(cache_shape, np.float32), np.zeros(cache_shape, np.float32))
+        self.state = RunState(*self.kv_caches())
+
+    def kv_caches(self, sequences=None):
+        """Zeroed key and value caches of this rank's layers and kv heads, float32, twice:
+        (layers, kv heads, max_seq_len, head_dim), or with a leading axis of `sequences`."""
+        c = self.config
+        shape = (len(self.layers), self.shard.n_kv_heads, self.max_seq_len, c.head_dim)
+        if sequences is not None:
+            shape = (sequences,) + shape
+        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
 
     # --- the forward pass ---------------------------------------------------------------
     def forward(self, tokens, pos, logits="last"):
@@ -99,21 +107,27 @@ class Model:
         Every rank calls with the same tokens. logits: "last" (1, vocab), "all" (T, vocab) or
         None; returned on root (float32), None on other ranks and when logits is None.
         """
-        c, shard, comm, eps = self.config, self.shard, self.comm, self.config.norm_eps
-        T, hd = len(tokens), c.head_dim
-        if pos + T > self.max_seq_len:
-            raise DllmError(f"sequence of {pos + T} tokens exceeds the context of "
-                            f"{self.max_seq_len}")
-        started, before = time.perf_counter(), comm.stats.snapshot()
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
-
-        x = np.empty((T, c.dim), dtype=np.float32)                  # residual stream
+        self.check_span(pos, len(tokens))
+        c, comm = self.config, self.comm
+        x = np.empty((len(tokens), c.dim), dtype=np.float32)         # residual stream
         if comm.is_root:
             x[:] = self.embed(tokens)
         comm.bcast_array(x)                                          # Bcast x
+        x = self.run_layers(x, pos, self.state.k_cache, self.state.v_cache)
+        self.state.residual = x
+        if logits is None:
+            return None
+        return self.classify(x if logits == "all" else x[-1:])       # Gather -> root
 
+    def run_layers(self, x, pos, k_caches, v_caches):
+        """The layer loop: x (T, dim) float32 at positions pos..pos+T-1 through this rank's
+        layers, filling their KV caches k_caches[i], v_caches[i] (local kv heads, max_seq_len,
+        head_dim); returns the new residual stream (T, dim). Collective over `group`."""
+        c, shard, group, eps = self.config, self.shard, self.group, self.config.norm_eps
+        T, hd = len(x), c.head_dim
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         for layer, w in enumerate(self.layers):
-            k_cache, v_cache = self.state.k_cache[layer], self.state.v_cache[layer]
+            k_cache, v_cache = k_caches[layer], v_caches[layer]
             # attention block: this rank's query heads and the kv heads they read
             xb = self.kernels.quantize_input(rmsnorm(x, w["attention_norm"], eps))
             q = rope(self.mm(xb, w["wq"]).reshape(T, shard.n_heads, hd), cos, sin)
@@ -122,37 +136,33 @@ class Model:
             k_cache[:, pos:pos + T] = k.transpose(1, 0, 2)
             v_cache[:, pos:pos + T] = v.transpose(1, 0, 2)
             att = attention(q, k_cache, v_cache, pos, self.head_kv)   # (T, local heads * hd)
-            if self.scheme == "slices":
-                att = comm.allgather_slices(att, self.exchange_attention)  # Allgather -> (T, dim)
-                o = self.mm(self.kernels.quantize_input(att), w["wo"])     # (T, local dim rows)
-                x = x + comm.allgather_slices(o, self.exchange_dim)        # Allgather; residual
+            if not shard.row_parallel:     # "slices"
+                att = group.allgather_slices(att, self.exchange_attention)  # Allgather -> (T, dim)
+                o = self.mm(self.kernels.quantize_input(att), w["wo"])      # (T, local dim rows)
+                x = x + group.allgather_slices(o, self.exchange_dim)        # Allgather; residual
             else:  # wo row-parallel: this rank's heads are its input columns
-                o = self.mm(self.kernels.quantize_input(att), w["wo"])     # (T, dim) partial
-                x = x + self.sum_partials(o)                               # (T, dim); residual
+                o = self.mm(self.kernels.quantize_input(att), w["wo"])      # (T, dim) partial
+                x = x + self.sum_partials(o)                                # (T, dim); residual
 
             # feed-forward block: this rank's hidden units
             xb = self.kernels.quantize_input(rmsnorm(x, w["ffn_norm"], eps))
-            h = swiglu(self.mm(xb, w["w1"]), self.mm(xb, w["w3"]))     # (T, local hidden)
-            if self.scheme == "slices":
-                h = comm.allgather_slices(h, self.exchange_hidden)     # Allgather -> (T, hidden)
-                f = self.mm(self.kernels.quantize_input(h), w["w2"])   # (T, local dim rows)
-                x = x + comm.allgather_slices(f, self.exchange_dim)    # Allgather; residual
+            h = swiglu(self.mm(xb, w["w1"]), self.mm(xb, w["w3"]))      # (T, local hidden)
+            if not shard.row_parallel:     # "slices"
+                h = group.allgather_slices(h, self.exchange_hidden)     # Allgather -> (T, hidden)
+                f = self.mm(self.kernels.quantize_input(h), w["w2"])    # (T, local dim rows)
+                x = x + group.allgather_slices(f, self.exchange_dim)    # Allgather; residual
             else:  # w2 row-parallel: this rank's hidden units are its input columns
-                f = self.mm(self.kernels.quantize_input(h), w["w2"])   # (T, dim) partial
-                x = x + self.sum_partials(f)                           # (T, dim); residual
+                f = self.mm(self.kernels.quantize_input(h), w["w2"])    # (T, dim) partial
+                x = x + self.sum_partials(f)                            # (T, dim); residual
+        return x
 
-        self.state.residual = x
-        result = None
-        if logits is not None:
-            final = rmsnorm(x if logits == "all" else x[-1:], self.weights["norm"], eps)
-            local_logits = self.mm(self.kernels.quantize_input(final),
-                                   self.weights["output"])              # (rows, local vocab)
-            result = comm.gather_rows(local_logits, self.vocab_widths)  # Gather -> root
-        spent = comm.stats.since(before)
-        self.state.trace.append(ForwardRecord(T, pos, time.perf_counter() - started,
-                                              spent.sync_seconds, spent.bytes_sent,
-                                              spent.bytes_received))
-        return result
+    def classify(self, x):
+        """Final norm and this rank's classifier rows of x (R, dim); the ranks' logits
+        gathered to root -> (R, vocab) float32 on root, None elsewhere. Collective."""
+        final = rmsnorm(x, self.weights["norm"], self.config.norm_eps)
+        local_logits = self.mm(self.kernels.quantize_input(final),
+                               self.weights["output"])                   # (R, local vocab)
+        return self.group.gather_rows(local_logits, self.vocab_widths)   # Gather -> root
 
     def sum_partials(self, partial):
         """Add up every rank's (T, dim) partial sum; the same bytes on every rank.
@@ -161,12 +171,12 @@ class Model:
         "reduce": Alltoall sends chunk c of every partial sum to rank c, which adds them
         (reduce-scatter), then Allgather of the summed chunks: a ring all-reduce's bytes.
         """
-        comm = self.comm
-        if self.scheme == "partials":
-            gathered = comm.allgather_slices(partial, self.exchange_partials)  # (T, n*dim)
-            return gathered.reshape(len(partial), comm.size, -1).sum(axis=1)
-        mine = comm.alltoall_chunks(partial, self.exchange_dim)               # (n, T, chunk)
-        return comm.allgather_slices(mine.sum(axis=0), self.exchange_dim)     # (T, dim)
+        group = self.group
+        if self.shard.scheme == "partials":
+            gathered = group.allgather_slices(partial, self.exchange_partials)  # (T, n*dim)
+            return gathered.reshape(len(partial), group.size, -1).sum(axis=1)
+        mine = group.alltoall_chunks(partial, self.exchange_dim)               # (n, T, chunk)
+        return group.allgather_slices(mine.sum(axis=0), self.exchange_dim)     # (T, dim)
 
     def mm(self, x, w):
         """x (T, n), as kernels.quantize_input made it, times a prepared matrix W (rows, n)
@@ -175,9 +185,26 @@ class Model:
 
     def embed(self, tokens):
         """Root only: rows of the token embedding, (T, dim) float32."""
-        table = self.weights["tok_embeddings"]
-        rows = table[np.asarray(tokens, dtype=np.int64)]
-        return dequantize_q40(rows) if table.dtype == np.uint8 else rows
+        return self.weights["tok_embeddings"].rows(np.asarray(tokens, dtype=np.int64))
+
+    def check_span(self, pos, T):
+        if pos + T > self.max_seq_len:
+            raise DllmError(f"sequence of {pos + T} tokens exceeds the context of "
+                            f"{self.max_seq_len}")
+
+    # --- prefill ------------------------------------------------------------------------
+    def prefill(self, ids, pos=0, logits="last"):
+        """The prefill loop: ids at positions pos.. in blocks of prefill_chunk tokens (the
+        matrix-matrix kernels), one after another. logits: "last" -> (1, vocab) of the last
+        id, "all" -> (len(ids), vocab), None; on root, None elsewhere. Collective."""
+        outputs = []
+        for start in range(0, len(ids), self.prefill_chunk):
+            chunk = ids[start:start + self.prefill_chunk]
+            last = start + len(chunk) == len(ids)
+            out = self.forward(chunk, pos + start, logits if logits == "all" or last else None)
+            if out is not None:
+                outputs.append(out)
+        return np.concatenate(outputs) if outputs else None
 
     # --- library API --------------------------------------------------------------------
     def _bcast_ids(self, token_ids):
@@ -185,23 +212,12 @@ class Model:
                               else [int(t) for t in token_ids])
         return check_prompt(ids, self.config.vocab_size, self.max_seq_len)
 
-    def _prefill(self, ids, logits):
-        """Forward ids from position 0 in chunks of prefill_chunk (matrix-matrix kernels)."""
-        outputs = []
-        for start in range(0, len(ids), self.prefill_chunk):
-            chunk = ids[start:start + self.prefill_chunk]
-            last = start + len(chunk) == len(ids)
-            out = self.forward(chunk, start, logits if logits == "all" or last else None)
-            if out is not None:
-                outputs.append(out)
-        return np.concatenate(outputs) if outputs else None
-
     def logits(self, token_ids):
         """Float32 logits (T, vocab) for every position of token_ids, on root; None elsewhere.
 
         Collective: every rank calls it; root's token_ids are used. Starts from position 0.
         """
-        return self._prefill(self._bcast_ids(token_ids), "all")
+        return self.prefill(self._bcast_ids(token_ids), 0, "all")
 
     def generate(self, prompt_ids, steps, sampler, stop_at_eos=True):
         """Yield new token ids (on every rank), at most `steps` of them or until the context
@@ -210,20 +226,15 @@ class Model:
                                stop_at_eos)
 
 
-def prepare_matrices(kernels, weights):
-    """weights with every matrix a matmul reads in the layout of `kernels` (a no-op for those
-    already prepared as they were read: see loading.read_weights)."""
-    for key in list(weights):
-        weights[key] = prepare_weight(kernels, key, weights[key])
-    return weights
-
-
-def prepare_weight(kernels, key, array):
-    """The layers' matrices and the classifier ("output") as `kernels` multiplies them; the
-    embedding table (read by rows) and the norms as stored."""
-    if isinstance(array, np.ndarray) and (key == "output" or
-                                          key.rsplit("/", 1)[-1] in LAYER_MATRICES):
-        return kernels.prepare(array)
+def prepare_weight(kernels, key, array, wtype):
+    """What a rank keeps of a stored array of weight type `wtype`, read as dataset `key`:
+    the layers' matrices and the classifier ("output") as `kernels` multiplies them, the
+    embedding table (read by rows) a weight_types.Matrix, the norms float32 as stored."""
+    leaf = key.rsplit("/", 1)[-1]
+    if key == "output" or leaf in LAYER_MATRICES:
+        return kernels.prepare(array, wtype)
+    if key == "tok_embeddings":
+        return Matrix(array, weight_type(wtype))
     return array
 
 
@@ -258,11 +269,7 @@ def generate_tokens(model, prompt_ids, done, steps, sampler, stop_at_eos=True):
                         f"of {model.max_seq_len} tokens (see --max-seq-len)")
     if len(done) >= steps or (stop_at_eos and done and done[-1] == model.config.eos_id):
         return
-    logits = None
-    for start in range(0, len(prompt_ids), model.prefill_chunk):
-        chunk = prompt_ids[start:start + model.prefill_chunk]
-        last = start + len(chunk) == len(prompt_ids)
-        logits = model.forward(chunk, start, "last" if last else None)
+    logits = model.prefill(prompt_ids, 0, "last")
     pos = len(prompt_ids)
     for token in done:
         logits = model.forward([token], pos)

@@ -1,7 +1,8 @@
-"""HDF5 model format v1 (specified in docs/format.md): writing (converters) and reading (ranks).
+"""HDF5 model format v2 (specified in docs/format.md): writing (converters) and reading (ranks).
 
 Layout:
-    /                     attrs: format="dllm", format_version=1, quant, and every ModelConfig field
+    /                     attrs: format="dllm", format_version=2, quant (a summary of the
+                          tensors' types), and every ModelConfig field
     /tokenizer            uint8 [n] serialized tokenizer, optional (attr kind: "sentencepiece"
                           or "tokenizers"; optional attr chat_template)
     /tok_embeddings       [vocab, dim]          (root only)
@@ -11,8 +12,10 @@ Layout:
     /layers/<i>/wq [dim, dim]  wk, wv [kv_dim, dim]  wo [dim, dim]
     /layers/<i>/w1, w3 [hidden, dim]  w2 [dim, hidden]
 
-A matrix [rows, cols] is stored either as float32 [rows, cols] (attr quant="f32") or as Q4_0
-bytes uint8 [rows, cols/32*18] (attr quant="q40"); attr ``shape`` keeps the logical shape.
+Every tensor has its own type, attr ``quant``: one of dllm.weight_types (q40, q80, f16, bf16,
+f32; norms are always f32), stored as that table says (Q4_0 bytes uint8 [rows, cols/32*18],
+Q8_0 bytes [rows, cols/32*34], float16, bf16 bits uint16, float32); attr ``shape`` keeps the
+logical shape. Version 1 files (q40 and f32 only, the same layout) still load.
 Datasets are contiguous (no chunks, no filters), so a rank reads rows [a, b) of a matrix with
 one contiguous hyperslab read and gets exactly the bytes its kernel consumes.
 Only converters write; ranks open the file read-only.
@@ -28,11 +31,13 @@ import numpy as np
 from .atomic import replacing
 from .config import ModelConfig
 from .errors import ModelFileError
-from .quant import Q40_BLOCK_BYTES, dequantize_q40, quantize_q40
+from .weight_types import NAMES as QUANTS
+from .weight_types import TYPES, describe_types
 
 FORMAT_NAME = "dllm"
-FORMAT_VERSION = 1
-QUANTS = ("q40", "f32")
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)
+V1_QUANTS = ("q40", "f32")
 NORMS = ("attention_norm", "ffn_norm")
 LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
@@ -58,23 +63,35 @@ def tensor_shapes(config):
 
 
 def stored_shape(shape, quant):
-    """Shape and dtype of a tensor as stored: Q4_0 rows become cols/32*18 bytes."""
-    if quant == "q40":
-        return (shape[0], shape[1] // 32 * Q40_BLOCK_BYTES), np.dtype(np.uint8)
-    return tuple(shape), np.dtype(np.float32)
+    """Shape and dtype of a tensor of weight type `quant` as stored (Q4_0 rows become
+    cols/32*18 bytes, ...; dllm.weight_types)."""
+    wtype = TYPES[quant]
+    if len(shape) == 1:
+        return tuple(shape), wtype.dtype
+    return wtype.stored_shape(shape), wtype.dtype
 
 
 def tensor_quant(shape, quant):
-    """Norm vectors are always float32; matrices take the model's quant."""
+    """Norm vectors are always float32; matrices take the type given."""
     return "f32" if len(shape) == 1 else quant
 
 
 @dataclass(frozen=True)
 class StoredTensor:
     """A tensor handed to write_model already in its stored form, written byte for byte:
-    Q4_0 bytes uint8 [rows, cols/32*18] (quant "q40"; a GGUF Q4_0 tensor, synthetic weights)
-    or float32 of the logical shape (quant "f32"; a matrix that cannot be Q4_0).
+    the stored array of weight type `quant` (a GGUF Q4_0, Q8_0, F16, BF16 or F32 tensor,
+    synthetic Q4_0 weights, a float32 matrix that cannot be blocked).
     data: an array or anything sliceable by rows with a .shape (a memory map)."""
+    data: object
+    quant: str
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class QuantizeTo:
+    """A tensor of float values (an array, or a LazyTensor read by row blocks) that
+    write_model stores as weight type `quant`, whatever the file's default; source: the
+    type it came from, for the report ("BF16", "Q6_K")."""
     data: object
     quant: str
     source: str = ""
@@ -100,8 +117,8 @@ def write_model(path, config, tensors, quant="q40", tokenizer=None, metadata=Non
 
     tensors: iterable of (name, tensor), each name of ``tensor_shapes(config)`` exactly once,
     in any order; a tensor is a float array of the logical shape (or any object with .shape
-    that returns float rows when sliced, read a block of rows at a time) quantized to the
-    file's `quant`, or a StoredTensor written as is. Tensors are consumed one at a time and
+    that returns float rows when sliced, read a block of rows at a time) quantized to
+    `quant`, a QuantizeTo stored as its own type, or a StoredTensor written as is. Tensors are consumed one at a time and
     read in row blocks, so memory stays bounded. tokenizer: (kind, bytes) or None;
     tokenizer_attrs: extra attributes of the tokenizer dataset (chat_template).
     metadata: extra string attributes (source, converter options), stored as meta_<key>;
@@ -144,19 +161,25 @@ def write_model(path, config, tensors, quant="q40", tokenizer=None, metadata=Non
             missing = sorted(set(shapes) - written)
             if missing:
                 raise ValueError(f"tensors missing: {', '.join(missing[:5])}")
+            f.attrs["quant"] = describe_types({r.name: r.quant for r in reports})
     return reports
 
 
 def _write_tensor(f, name, array, shape, quant):
     if isinstance(array, StoredTensor):
         return _write_stored(f, name, array, shape)
+    source = None
+    if isinstance(array, QuantizeTo):
+        array, quant, source = array.data, array.quant, array.source or None
     if not hasattr(array, "shape") or not hasattr(array, "__getitem__"):
         array = np.asarray(array)
     if tuple(array.shape) != shape:
         raise ValueError(f"{name} has shape {tuple(array.shape)}, expected {shape}")
     kind = tensor_quant(shape, quant)
-    if kind == "q40" and shape[1] % 32:
-        raise ValueError(f"{name}: {shape[1]} columns are not whole 32-value Q4_0 blocks")
+    wtype = TYPES[kind]
+    if len(shape) == 2 and not wtype.fits(shape[1]):
+        raise ValueError(f"{name}: {shape[1]} columns are not whole {wtype.block}-value "
+                         f"{wtype.ggml} blocks")
     sshape, dtype = stored_shape(shape, kind)
     ds = f.create_dataset(name, shape=sshape, dtype=dtype)  # contiguous, unfiltered
     rows_per_step = max(1, (1 << 22) // max(1, shape[-1]))  # quantize ~4M values at a time
@@ -164,9 +187,9 @@ def _write_tensor(f, name, array, shape, quant):
     for r0 in range(0, shape[0], rows_per_step):
         chunk = np.asarray(array[r0:r0 + rows_per_step], dtype=np.float32)
         sq_sum += float(np.dot(chunk.ravel(), chunk.ravel()))
-        if kind == "q40":
-            stored = quantize_q40(chunk)
-            err = dequantize_q40(stored) - chunk
+        if kind != "f32":
+            stored = wtype.quantize(chunk)
+            err = wtype.dequantize(stored) - chunk
             max_err = max(max_err, float(np.abs(err).max(initial=0.0)))
             sq_err += float(np.dot(err.ravel(), err.ravel()))
             ds[r0:r0 + rows_per_step] = stored
@@ -174,20 +197,23 @@ def _write_tensor(f, name, array, shape, quant):
             ds[r0:r0 + rows_per_step] = chunk
     _tensor_attrs(ds, kind, shape)
     size = math.prod(shape)
-    source = getattr(array, "source", None) or array.dtype.name.upper().replace("FLOAT", "F")
+    source = source or getattr(array, "source", None) or \
+        array.dtype.name.upper().replace("FLOAT", "F")
     report = TensorReport(name, shape, kind, source, ds.id.get_storage_size(), max_err,
                           math.sqrt(sq_err / size), math.sqrt(sq_sum / size))
-    if kind == "q40":
+    if kind != "f32":
         ds.attrs["quant_max_err"], ds.attrs["quant_rms_err"] = report.max_err, report.rms_err
     ds.attrs["source_type"] = source
     return report
 
 
 def _write_stored(f, name, tensor, shape):
-    if tensor.quant not in QUANTS or (tensor.quant == "q40" and len(shape) == 1):
+    if tensor.quant not in QUANTS or (tensor.quant != "f32" and len(shape) == 1):
         raise ValueError(f"{name}: cannot store a {len(shape)}-D tensor as {tensor.quant}")
-    if tensor.quant == "q40" and shape[1] % 32:
-        raise ValueError(f"{name}: {shape[1]} columns are not whole 32-value Q4_0 blocks")
+    wtype = TYPES[tensor.quant]
+    if len(shape) == 2 and not wtype.fits(shape[1]):
+        raise ValueError(f"{name}: {shape[1]} columns are not whole {wtype.block}-value "
+                         f"{wtype.ggml} blocks")
     sshape, dtype = stored_shape(shape, tensor.quant)
     data = tensor.data
     if tuple(data.shape) != sshape or np.dtype(data.dtype) != dtype:
@@ -240,12 +266,14 @@ class ModelFile:
             raise ModelFileError(f"{self.path} is HDF5 but not a dllm model file "
                                  f"(format attribute {_text(attrs.get('format'))!r})")
         version = attrs.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READS_VERSIONS:
             raise ModelFileError(f"{self.path} has model format version {version}; this dllm "
-                                 f"reads version {FORMAT_VERSION}: reconvert it with dllm.convert")
-        self.quant = _text(attrs.get("quant"))
-        if self.quant not in QUANTS:
-            raise ModelFileError(f"{self.path}: unknown quant {self.quant!r}")
+                                 f"reads versions {', '.join(map(str, READS_VERSIONS))}: "
+                                 f"reconvert it with dllm.convert")
+        self.version = int(version)
+        allowed = V1_QUANTS if self.version == 1 else QUANTS
+        if self.version == 1 and _text(attrs.get("quant")) not in V1_QUANTS:
+            raise ModelFileError(f"{self.path}: unknown quant {_text(attrs.get('quant'))!r}")
         self.config = ModelConfig.from_dict(dict(attrs))
         file_size = os.path.getsize(self.path)
         # Cheap checks first, so that absurd declared sizes fail at once, not after a walk
@@ -264,7 +292,8 @@ class ModelFile:
                 raise ModelFileError(f"{self.path}: tensor {name} is missing")
             ds = self.h5[name]
             kind = _text(ds.attrs.get("quant"))
-            if kind not in QUANTS or (len(shape) == 2 and kind == "q40" and shape[1] % 32):
+            if kind not in allowed or (len(shape) == 2 and not TYPES[kind].fits(shape[1])) \
+                    or (len(shape) == 1 and kind != "f32"):
                 raise ModelFileError(f"{self.path}: tensor {name} has bad quant {kind!r}")
             sshape, dtype = stored_shape(shape, kind)
             if ds.shape != sshape or ds.dtype != dtype:
@@ -285,26 +314,39 @@ class ModelFile:
                                      f"(not uint8 bytes within the file)")
 
     def tensor_quant(self, name):
+        """The weight type of tensor `name`, as its quant attribute says."""
         return _text(self.h5[name].attrs["quant"])
 
+    def types(self):
+        """{dataset name: weight type} of every tensor the config implies."""
+        return {name: self.tensor_quant(name) for name in tensor_shapes(self.config)}
+
+    @property
+    def quant(self):
+        """The tensors' types in a few words ("q40"; "q40, output q80, tok_embeddings f32")."""
+        return describe_types(self.types())
+
     def read(self, name, rows=None, cols=None):
-        """Stored array of `name` (uint8 Q4_0 bytes or float32): rows [a, b) if given (one
-        contiguous hyperslab), columns [c, d) of the logical matrix if given (whole 32-value
-        blocks for Q4_0: bytes c/32*18 to d/32*18 of each row). Raises ModelFileError when
-        the part read holds a NaN or infinite value (a float, or a Q4_0 block's scale)."""
+        """Stored array of `name` (as weight_types says for its type): rows [a, b) if given
+        (one contiguous hyperslab), columns [c, d) of the logical matrix if given (whole
+        blocks for Q4_0 / Q8_0: bytes c/32*18 to d/32*18 of each Q4_0 row). Raises
+        ModelFileError when the part read holds a NaN or infinite value (a float, or a
+        block's scale)."""
         ds = self.h5[name]
+        wtype = TYPES[self.tensor_quant(name)]
         r = slice(None) if rows is None else slice(*rows)
         if cols is None:
             array = ds[r]
         else:
-            if self.tensor_quant(name) == "q40":
-                if cols[0] % 32 or (cols[1] % 32 and cols[1] != self.h5[name].attrs["shape"][1]):
-                    raise ModelFileError(f"columns {cols} of {name} are not whole Q4_0 blocks")
-                cols = (cols[0] // 32 * Q40_BLOCK_BYTES, -(-cols[1] // 32) * Q40_BLOCK_BYTES)
-            array = ds[r, cols[0]:cols[1]]
-        bad = count_non_finite(array)
+            if cols[0] % wtype.block or (cols[1] % wtype.block and
+                                         cols[1] != self.h5[name].attrs["shape"][1]):
+                raise ModelFileError(f"columns {cols} of {name} are not whole "
+                                     f"{wtype.ggml} blocks")
+            a, b = wtype.stored_col_range(cols)
+            array = ds[r, a:b]
+        bad = count_non_finite(array, wtype.name)
         if bad:
-            what = "Q4_0 block scales" if array.dtype == np.uint8 else "values"
+            what = f"{wtype.ggml} block scales" if wtype.block > 1 else "values"
             where = "" if rows is None else f" (rows {rows[0]}..{rows[1]})"
             raise ModelFileError(f"{self.path}: tensor {name}{where} holds {bad} NaN or "
                                  f"infinite {what}: the file is corrupt")
@@ -336,23 +378,17 @@ class ModelFile:
         self.close()
 
 
-def count_non_finite(array):
-    """NaN or infinite entries of a stored array: float32 values, or the float16 scales of
-    Q4_0 blocks (uint8 rows of 18-byte blocks, the scale first). The 4-bit codes of a block
-    are always finite, so its scale is all there is to check."""
-    if array.dtype == np.uint8:
-        blocks = np.ascontiguousarray(array).reshape(-1, Q40_BLOCK_BYTES)
-        values = blocks[:, :2].copy().view(np.float16)
-    else:
-        values = array
-    return int(values.size - np.count_nonzero(np.isfinite(values)))
+def count_non_finite(array, quant):
+    """NaN or infinite entries of a stored array of weight type `quant`: float values, or
+    the f16 scales that start Q4_0 / Q8_0 blocks (their integer codes are always finite)."""
+    return TYPES[quant].nonfinite(array)
 
 
 def minimum_weight_bytes(config):
     """A lower bound of the bytes a file of this config holds: every matrix at Q4_0's
     18 bytes per 32 weights, norms float32 (closed form: no loop over the layers)."""
     c = config
-    q40 = Q40_BLOCK_BYTES / 32
+    q40 = TYPES["q40"].bytes_per_weight
     per_layer = 2 * c.dim * 4 + q40 * (2 * c.dim * c.dim + 2 * c.kv_dim * c.dim
                                        + 3 * c.hidden_dim * c.dim)
     embeddings = q40 * c.vocab_size * c.dim * (1 if c.tie_embeddings else 2)

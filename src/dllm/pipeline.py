@@ -30,19 +30,15 @@ Sends are nonblocking into a pool of buffers that is never waited on in the midd
 operation: a rank blocks only in Recv, so the ring cannot deadlock when messages outgrow
 MPI's eager limit (root sends chunk 2 while rank n-1 sends chunk 1's result back).
 """
-import time
 from collections import deque
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from .backend import make as make_kernels
+from .comm import Comm
 from .errors import DllmError
-from .kernels import attention, rmsnorm, rope, rope_tables, swiglu
-from .model import (LAYER_MATRICES, ForwardRecord, check_prompt, prepare_matrices,
-                    prepare_weight)
-from .quant import dequantize_q40
-from .shard import block_split
+from .model import Model, check_prompt
+from .shard import plan
 from .sync import SliceExchange
 
 HEADER_FIELDS = ("seq", "pos", "rows", "flags", "token")
@@ -51,36 +47,6 @@ LOGITS_LAST, LOGITS_ALL, STOP, FINAL = 1, 2, 4, 8   # header flags
 LOGITS_FLAGS = {None: 0, "last": LOGITS_LAST, "all": LOGITS_ALL}
 TAG = 61
 SPIN = 0.002   # seconds a waiting rank polls before it sleeps between polls (Comm.recv_bytes)
-
-
-def split_layers(n_layers, size):
-    """Even contiguous layer ranges, one (start, stop) per rank; earlier ranks take the
-    extra layers. dllm.profile.assign_layers splits by speed and memory instead."""
-    return block_split(n_layers, size)
-
-
-def stage_tensors(config, layers, is_root):
-    """(key, dataset, rows, cols) of every array a pipeline rank holds: whole matrices of its
-    layers; root also the embedding, the final norm and the classifier (the embedding serves
-    as classifier when tied)."""
-    entries = []
-    if is_root:
-        entries += [("tok_embeddings", "tok_embeddings", None, None), ("norm", "norm", None, None)]
-        if not config.tie_embeddings:
-            entries.append(("output", "output", None, None))
-    for layer in range(*layers):
-        prefix = f"layers/{layer}/"
-        entries += [(prefix + n, prefix + n, None, None)
-                    for n in ("attention_norm", "ffn_norm") + LAYER_MATRICES]
-    return entries
-
-
-@dataclass
-class PipelineState:
-    """Buffers allocated once: this rank's KV cache, one slot per sequence in flight."""
-    k_cache: np.ndarray  # (slots, local layers, n_kv_heads, max_seq_len, head_dim) float32
-    v_cache: np.ndarray
-    trace: list = field(default_factory=list)   # one ForwardRecord per block this rank ran
 
 
 class SendPool:
@@ -113,48 +79,40 @@ class SendPool:
         self.busy = []
 
 
-class PipelineModel:
+class PipelineModel(Model):
     """A Llama model split by layers over the ranks of `comm`; built by ``dllm.load(...,
     parallel="pipeline")``. Same public API as dllm.model.Model, plus generate_many.
 
+    The engine is Model's: this rank's layers run Model.run_layers as a tensor-parallel
+    group of one rank (COMM_SELF), so every activation is rounded to the sync payload as in
+    tensor mode; what differs is only where layers live and that x travels rank to rank.
+
     stages: (start, stop) layer range of every rank, contiguous and covering all layers in
     rank order (every rank but root holds at least one; dllm.profile.pipeline_stages).
-    weights: this rank's arrays keyed by dataset name (see stage_tensors). profile: the
-    device profile the stages follow, or None; reserve_sequences checks its memory.
+    weights: this rank's arrays keyed by dataset name (placement.stage_entries), prepared.
+    profile: the device profile the stages follow, or None; reserve_sequences checks its
+    memory.
     """
-    scheme = "pipeline"
 
-    def __init__(self, comm, config, stages, weights, sync="q80", max_seq_len=None,
-                 prefill_chunk=64, tokenizer=None, path=None, quant=None, profile=None,
-                 kernels=None):
-        self.comm, self.config, self.stages, self.sync = comm, config, list(stages), sync
-        self.profile = profile
-        self.prefill_chunk, self.tokenizer, self.path = prefill_chunk, tokenizer, path
-        self.max_seq_len = max_seq_len or config.max_seq_len
-        self.quant, self.kernels = quant, kernels or make_kernels()
-        self.layer_range = self.stages[comm.rank]
-        self.layers = [{name: weights[f"layers/{i}/{name}"]
-                        for name in LAYER_MATRICES + ("attention_norm", "ffn_norm")}
-                       for i in range(*self.layer_range)]
-        if comm.is_root and "output" not in weights:
-            weights["output"] = weights["tok_embeddings"]   # tied: one array, read once
-        self.weights = prepare_matrices(self.kernels, weights)
-        self.head_kv = np.arange(config.n_heads) // config.q_per_kv
-        self.rope_cos, self.rope_sin = rope_tables(config.head_dim, self.max_seq_len,
-                                                   config.rope_theta, **config.rope_scaling_args)
+    def __init__(self, comm, config, stages, weights, types, sync="q80", max_seq_len=None,
+                 prefill_chunk=64, tokenizer=None, path=None, profile=None, kernels=None):
+        kernels = kernels or make_kernels()
+        if comm.is_root and "output" not in weights:     # tied: the embedding's rows
+            table = weights["tok_embeddings"]
+            weights["output"] = kernels.prepare(table.data, table.wtype.name)
+        super().__init__(comm, config, plan(config, 1), weights, types, sync=sync,
+                         max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
+                         tokenizer=tokenizer, path=path, kernels=kernels,
+                         group=Comm.self_comm(), layer_range=stages[comm.rank])
+        self.scheme, self.stages, self.profile = "pipeline", list(stages), profile
         self.payload = SliceExchange([config.dim], sync)    # one row of x as it travels
         self.row_bytes = self.payload.row_bytes[0]
         self.next_rank, self.prev_rank = (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
         self.is_last = comm.rank == comm.size - 1
         self.pool, self.local_results = SendPool(comm), deque()
         self.recv_buffer = np.empty(0, dtype=np.uint8)
-        self.state = PipelineState(*self._caches(1))
+        self.state.k_cache, self.state.v_cache = self.kv_caches(1)
         self._reserve_rows(prefill_chunk)
-
-    def _caches(self, slots):
-        c = self.config
-        shape = (slots, len(self.layers), c.n_kv_heads, self.max_seq_len, c.head_dim)
-        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
 
     def _reserve_rows(self, rows):
         """Receive buffer for messages of up to `rows` rows (every rank knows the bound)."""
@@ -169,51 +127,19 @@ class PipelineModel:
         if self.state.k_cache.shape[0] < k:
             if self.profile is not None:
                 from .profile import check_stage_memory
-                check_stage_memory(self.config, self.quant, self.profile, self.stages,
+                check_stage_memory(self.config, self.types, self.profile, self.stages,
                                    self.max_seq_len, k)
-            self.state.k_cache, self.state.v_cache = self._caches(k)
+            self.state.k_cache, self.state.v_cache = self.kv_caches(k)
 
     @property
     def layout(self):
         """How the model is split, for the run's conditions (dllm.stats.conditions)."""
         return {"layers_per_rank": [stop - start for start, stop in self.stages]}
 
-    # --- one stage: this rank's layers, as in model.py but whole matrices, no collectives --
-    def run_layers(self, x, seq, pos):
+    def run_stage(self, x, seq, pos):
         """x (T, dim) float32 at positions pos..pos+T-1 of sequence slot `seq` through this
-        rank's layers, filling their KV cache; returns the new residual stream."""
-        c, eps, T, hd = self.config, self.config.norm_eps, len(x), self.config.head_dim
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
-        for i, w in enumerate(self.layers):
-            k_cache, v_cache = self.state.k_cache[seq, i], self.state.v_cache[seq, i]
-            # attention block: every head
-            xb = self.kernels.quantize_input(rmsnorm(x, w["attention_norm"], eps))
-            q = rope(self.mm(xb, w["wq"]).reshape(T, c.n_heads, hd), cos, sin)
-            k = rope(self.mm(xb, w["wk"]).reshape(T, c.n_kv_heads, hd), cos, sin)
-            v = self.mm(xb, w["wv"]).reshape(T, c.n_kv_heads, hd)
-            k_cache[:, pos:pos + T] = k.transpose(1, 0, 2)
-            v_cache[:, pos:pos + T] = v.transpose(1, 0, 2)
-            att = attention(q, k_cache, v_cache, pos, self.head_kv)      # (T, dim)
-            x = x + self.mm(self.kernels.quantize_input(att), w["wo"])   # residual
-            # feed-forward block: every hidden unit
-            xb = self.kernels.quantize_input(rmsnorm(x, w["ffn_norm"], eps))
-            h = swiglu(self.mm(xb, w["w1"]), self.mm(xb, w["w3"]))       # (T, hidden)
-            x = x + self.mm(self.kernels.quantize_input(h), w["w2"])     # residual
-        return x
-
-    def mm(self, x, w):
-        """As Model.mm: a quantize_input (T, n) times a prepared W (rows, n) transposed."""
-        return self.kernels.matmul(x, w)
-
-    def embed(self, tokens):
-        """Root only: rows of the token embedding, (T, dim) float32."""
-        rows = self.weights["tok_embeddings"][np.asarray(tokens, dtype=np.int64)]
-        return dequantize_q40(rows) if rows.dtype == np.uint8 else rows
-
-    def classify(self, x):
-        """Root only: final norm and classifier of rows x (R, dim) -> (R, vocab) float32."""
-        final = rmsnorm(x, self.weights["norm"], self.config.norm_eps)
-        return self.mm(self.kernels.quantize_input(final), self.weights["output"])
+        rank's layers (Model.run_layers), filling their KV cache; the new residual stream."""
+        return self.run_layers(x, pos, self.state.k_cache[seq], self.state.v_cache[seq])
 
     # --- messages ----------------------------------------------------------------------------
     def _send(self, header, x=None):
@@ -237,23 +163,15 @@ class PipelineModel:
         payload = self.recv_buffer[HEADER_BYTES:HEADER_BYTES + rows * self.row_bytes]
         return header, self.payload.unpack(payload, rows)
 
-    def _record(self, rows, pos, started, before):
-        spent = self.comm.stats.since(before)
-        self.state.trace.append(ForwardRecord(rows, pos, time.perf_counter() - started,
-                                              spent.sync_seconds, spent.bytes_sent,
-                                              spent.bytes_received))
-
     def _submit(self, seq, tokens, pos, flags, token=-1):
         """Root: embed tokens, run root's layers, pass x on (or keep the result locally when
         root is the only rank). Rows needed for logits go back to root at the end."""
-        started, before = time.perf_counter(), self.comm.stats.snapshot()
-        x = self.run_layers(self.embed(tokens), seq, pos)
+        x = self.run_stage(self.embed(tokens), seq, pos)
         header = (seq, pos, len(tokens), flags, token)
         if self.comm.size > 1:
             self._send(header, x)
         elif flags & (LOGITS_LAST | LOGITS_ALL):
             self.local_results.append((header, x[-1:] if flags & LOGITS_LAST else x))
-        self._record(len(tokens), pos, started, before)
 
     def _stop(self, seq, token, final):
         """Root: sequence `seq` ended with `token`; tell the other ranks."""
@@ -286,21 +204,19 @@ class PipelineModel:
 
     def _serve_one(self):
         """Rank > 0: receive one message, run it through this rank's layers, pass it on."""
-        started, before = time.perf_counter(), self.comm.stats.snapshot()
         header, x = self._receive()
         seq, pos, rows, flags, token = header
         if flags & STOP:
             if not self.is_last:
                 self._send(header)
         else:
-            x = self.run_layers(x, seq, pos)
+            x = self.run_stage(x, seq, pos)
             if not self.is_last:
                 self._send(header, x)
             elif flags & LOGITS_LAST:
                 self._send(header, x[-1:])
             elif flags & LOGITS_ALL:
                 self._send(header, x)
-            self._record(rows, pos, started, before)
         return seq, token, bool(flags & FINAL)
 
     # --- the forward pass: one block of one sequence ------------------------------------------
@@ -308,21 +224,31 @@ class PipelineModel:
         """Run tokens (T,) of sequence slot `seq` at positions pos..pos+T-1 through the model,
         filling the KV caches. Every rank calls with the same tokens. logits: "last"
         (1, vocab), "all" (T, vocab) or None; returned on root, None elsewhere."""
-        T = len(tokens)
-        if pos + T > self.max_seq_len:
-            raise DllmError(f"sequence of {pos + T} tokens exceeds the context of "
-                            f"{self.max_seq_len}")
+        return self.prefill(tokens, pos, logits, seq, chunk=len(tokens))
+
+    def prefill(self, ids, pos=0, logits="last", seq=0, chunk=None):
+        """The prefill loop of pipeline mode: ids at positions pos.. of sequence slot `seq`
+        in blocks of `chunk` (default prefill_chunk) tokens, all in flight at once, so
+        that the ranks work on different blocks at the same time (pipelined prefill).
+        logits as Model.prefill. Collective."""
+        T, chunk = len(ids), chunk or self.prefill_chunk
+        self.check_span(pos, T)
         if not 0 <= seq < self.state.k_cache.shape[0]:
             raise DllmError(f"sequence slot {seq} does not exist (reserve_sequences)")
-        self._reserve_rows(T)
+        self._reserve_rows(chunk)
         if not self.comm.is_root:
             for _ in self._serve():
                 pass
             return None
-        self._submit(seq, tokens, pos, LOGITS_FLAGS[logits] | FINAL)
-        result = self._collect()[1] if logits is not None else None
+        starts = list(range(0, T, chunk))
+        for start in starts:
+            last = start == starts[-1]
+            flags = LOGITS_FLAGS[logits if logits == "all" or last else None]
+            self._submit(seq, ids[start:start + chunk], pos + start, flags | (FINAL if last else 0))
+        wanted = len(starts) if logits == "all" else int(logits is not None)
+        outputs = [self._collect()[1] for _ in range(wanted)]
         self.pool.drain()
-        return result
+        return np.concatenate(outputs) if outputs else None
 
     # --- library API --------------------------------------------------------------------------
     def _bcast_prompts(self, prompts):
@@ -338,23 +264,6 @@ class PipelineModel:
 
     def _chunks(self, ids):
         return [(s, ids[s:s + self.prefill_chunk]) for s in range(0, len(ids), self.prefill_chunk)]
-
-    def logits(self, token_ids):
-        """Float32 logits (T, vocab) for every position of token_ids, on root; None elsewhere.
-
-        Collective: every rank calls it; root's token_ids are used. Starts from position 0.
-        The prompt's chunks follow each other through the ranks (pipelined prefill)."""
-        ids = self._bcast_prompts(None if token_ids is None else [token_ids])[0]
-        if not self.comm.is_root:
-            for _ in self._serve():
-                pass
-            return None
-        chunks = self._chunks(ids)
-        for i, (start, chunk) in enumerate(chunks):
-            self._submit(0, chunk, start, LOGITS_ALL | (FINAL if i == len(chunks) - 1 else 0))
-        out = np.concatenate([self._collect()[1] for _ in chunks])
-        self.pool.drain()
-        return out
 
     def generate(self, prompt_ids, steps, sampler, stop_at_eos=True):
         """Yield new token ids (on every rank), at most `steps` of them or until the context
@@ -422,19 +331,3 @@ def generate_many(model, prompts, steps, sampler, stop_at_eos=True):
         ids = prompts[seq] if model.comm.is_root else None
         for token in model.generate(ids, steps, samplers[seq], stop_at_eos):
             yield seq, token
-
-
-def load_pipeline(comm, path, config, quant, stages, sync="q80", max_seq_len=None,
-                  weights_from="file", tokenizer=None, prefill_chunk=64, kernels=None):
-    """Collective: read this rank's layers (whole matrices) and build the PipelineModel.
-    Called by dllm.loading.load with the checked header and the stage of every rank
-    (dllm.profile.Stages, which also carries the profile they follow)."""
-    from .loading import read_weights
-    kernels = kernels or make_kernels()
-    weights = read_weights(comm, path, weights_from,
-                           lambda rank: stage_tensors(config, stages[rank], rank == 0),
-                           lambda key, array: prepare_weight(kernels, key, array))
-    return PipelineModel(comm, config, stages, weights, sync=sync, max_seq_len=max_seq_len,
-                         prefill_chunk=prefill_chunk, tokenizer=tokenizer, path=str(path),
-                         quant=quant, profile=getattr(stages, "profile", None),
-                         kernels=kernels)

@@ -30,7 +30,9 @@ from .cli import (ArgumentParser, add_fault_options, add_kernel_options, entry, 
                   use_fault_options)
 from .errors import DllmError
 from .pipeline import HEADER_BYTES
-from .profile import Device, Link, Profile, as_profile, check_layers_fit, layer_caps, stage_bytes
+from .placement import stage_bytes
+from .weight_types import describe_types
+from .profile import Device, Link, Profile, as_profile, check_layers_fit, layer_caps
 from .shard import proportional_counts
 
 PROG = "dllm.plan"
@@ -474,13 +476,13 @@ def _main(comm, argv):
 
 
 def model_shape(args):
-    """(config, quant) from --model's header or --preset."""
+    """(config, weight types: {tensor: type} or one type) from --model's header or --preset."""
     if (args.model is None) == (args.preset is None):
         raise DllmError("give exactly one of --model and --preset")
     if args.model is not None:
         from .modelfile import ModelFile
         with ModelFile(args.model) as mf:
-            return mf.config, mf.quant
+            return mf.config, mf.types()
     from .converters.synthetic import synthetic_config
     return synthetic_config(args.preset, args.layers), "q40"
 
@@ -505,7 +507,7 @@ def search_main(args):
     print("* recommended: least latency, most throughput, most headroom, knee")
     if args.output:
         record = {"kind": "plans", "model": args.model or f"preset:{args.preset}",
-                  "config": config.to_dict(), "quant": quant, "sync": args.sync,
+                  "config": config.to_dict(), "quant": quant if isinstance(quant, str) else describe_types(quant), "sync": args.sync,
                   "sequences": args.sequences, "max_seq_len": model.max_seq_len,
                   "engine": args.engine, "front": [plan_record(model, p) for p in front],
                   "recommended": [front.index(p) for p in chosen],
@@ -537,11 +539,11 @@ def time_layers(model, pos, repeats):
     """Median ms of one of this rank's layers for one token at position pos."""
     x = np.random.default_rng(model.comm.rank).standard_normal((1, model.config.dim))
     x = x.astype(np.float32)
-    model.run_layers(x, 0, pos)                   # warm up
+    model.run_stage(x, 0, pos)                   # warm up
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        model.run_layers(x, 0, pos)
+        model.run_stage(x, 0, pos)
         times.append(time.perf_counter() - started)
     return 1e3 * float(np.median(times)) / len(model.layers)
 

@@ -8,7 +8,8 @@ between them; docs/parallelism.md specifies the file. From it:
 - tensor: uneven slices, shares in proportion to speed, capped so every slice fits;
 - the planner (dllm.plan): per-layer time, classifier time and link costs.
 
-Pure functions of (config, quant, profile); only use_profile communicates.
+Pure functions of (config, weight types, profile); only use_profile communicates. `types`
+is what dllm.placement takes: {tensor: weight type} or one type name.
 """
 import math
 import re
@@ -16,7 +17,9 @@ from dataclasses import asdict, dataclass
 
 from .checks import read_json
 from .errors import DllmError
-from .shard import counts_to_ranges, proportional_counts
+from .placement import (kv_bytes, layer_bytes, root_bytes, shard_bytes, split_layers,
+                        stage_bytes, tensor_bytes)
+from .shard import counts_to_ranges, plan, proportional_counts
 
 UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
@@ -189,8 +192,26 @@ def _link(entry, source):
 
 
 def read_profile(path):
-    """Profile from a JSON file (see docs/parallelism.md)."""
-    return Profile.from_dict(read_json(path, "profile"), str(path))
+    """Profile from a JSON file (see docs/parallelism.md): a profile, or the plans file that
+    dllm.plan search writes, whose first recommended plan it then is (PLANS.json#N: plan N
+    of its front), its devices in the plan's chain order and its layers fixed."""
+    path, _, index = str(path).partition("#")
+    data = read_json(path, "profile")
+    if not (isinstance(data, dict) and data.get("kind") == "plans"):
+        if index:
+            raise DllmError(f"{path}: #{index} chooses a plan of a plans file (dllm.plan "
+                            f"search -o), and this is a profile")
+        return Profile.from_dict(data, path)
+    front = data.get("front") or []
+    try:
+        n = int(index) if index else (data.get("recommended") or [0])[0]
+        plan = front[n]
+    except (ValueError, IndexError, TypeError):
+        raise DllmError(f"{path}: no plan {index or 0} among the {len(front)} of its front "
+                        f"(PLANS.json#N, N from 0)") from None
+    if not isinstance(plan, dict) or "profile" not in plan:
+        raise DllmError(f"{path}: plan {n} has no profile: rerun dllm.plan search")
+    return Profile.from_dict(plan["profile"], f"{path}#{n}")
 
 
 def as_profile(profile):
@@ -211,63 +232,25 @@ def use_profile(comm, profile):
     return profile
 
 
-# --- memory -----------------------------------------------------------------------------------
-def tensor_bytes(config, quant, name, rows=None, cols=None):
-    """Bytes of rows [a, b) x cols [c, d) of tensor `name` as stored (Q4_0: 18 per 32)."""
-    from .modelfile import tensor_quant, tensor_shapes
-    shape = tensor_shapes(config)["tok_embeddings" if name == "output" and
-                                  config.tie_embeddings else name]
-    n_rows = shape[0] if rows is None else rows[1] - rows[0]
-    if len(shape) == 1:
-        return 4 * n_rows
-    n_cols = shape[1] if cols is None else cols[1] - cols[0]
-    per_value = 18 / 32 if tensor_quant(shape, quant) == "q40" else 4
-    return int(n_rows * math.ceil(n_cols * per_value))
-
-
-def layer_bytes(config, quant):
-    """Weights of one layer as stored."""
-    from .model import LAYER_MATRICES
-    return sum(tensor_bytes(config, quant, f"layers/0/{n}")
-               for n in LAYER_MATRICES + ("attention_norm", "ffn_norm"))
-
-
-def kv_bytes(config, max_seq_len, kv_heads=None):
-    """KV cache of one layer for one sequence (float32 keys and values)."""
-    heads = config.n_kv_heads if kv_heads is None else kv_heads
-    return 2 * heads * max_seq_len * config.head_dim * 4
-
-
-def root_bytes(config, quant):
-    """What root holds besides layers in a pipeline: embedding, final norm, classifier."""
-    extra = 0 if config.tie_embeddings else tensor_bytes(config, quant, "output")
-    return tensor_bytes(config, quant, "tok_embeddings") + tensor_bytes(config, quant, "norm") + extra
-
-
-def stage_bytes(config, quant, n_layers, is_root, max_seq_len, sequences=1):
-    """Memory of a pipeline rank holding n_layers (weights + KV cache for `sequences`)."""
-    per_layer = layer_bytes(config, quant) + sequences * kv_bytes(config, max_seq_len)
-    return n_layers * per_layer + (root_bytes(config, quant) if is_root else 0)
-
-
-def layer_caps(config, quant, profile, max_seq_len, sequences=1):
+# --- memory (bytes: dllm.placement) -----------------------------------------------------------
+def layer_caps(config, types, profile, max_seq_len, sequences=1):
     """The most layers each rank's memory holds (after root's embedding and classifier)."""
-    per_layer = layer_bytes(config, quant) + sequences * kv_bytes(config, max_seq_len)
+    per_layer = layer_bytes(config, types) + sequences * kv_bytes(config, max_seq_len)
     caps = []
     for rank, device in enumerate(profile.devices):
-        free = device.memory - (root_bytes(config, quant) if rank == 0 else 0)
+        free = device.memory - (root_bytes(config, types) if rank == 0 else 0)
         if free < 0:
             raise DllmError(f"rank 0 ({device.name}) cannot hold the embedding and classifier: "
-                            f"{_mb(root_bytes(config, quant))} needed, {_mb(device.memory)} "
+                            f"{_mb(root_bytes(config, types))} needed, {_mb(device.memory)} "
                             f"in the profile")
         caps.append(min(config.n_layers, free // per_layer))
     return caps
 
 
-def assign_layers(config, quant, profile, max_seq_len, sequences=1):
+def assign_layers(config, types, profile, max_seq_len, sequences=1):
     """Layers per rank: the profile's fixed "layers" if given (checked against memory), else
     in proportion to speed, never beyond a rank's memory (water-filling, largest remainder)."""
-    caps = layer_caps(config, quant, profile, max_seq_len, sequences)
+    caps = layer_caps(config, types, profile, max_seq_len, sequences)
     if profile.layers is not None:
         layers = list(profile.layers)
         if sum(layers) != config.n_layers:
@@ -275,7 +258,7 @@ def assign_layers(config, quant, profile, max_seq_len, sequences=1):
                             f"{config.n_layers}")
         for rank, (n, cap) in enumerate(zip(layers, caps)):
             if n > cap:
-                need = stage_bytes(config, quant, n, rank == 0, max_seq_len, sequences)
+                need = stage_bytes(config, types, n, rank == 0, max_seq_len, sequences)
                 raise DllmError(f"rank {rank} ({profile.devices[rank].name}) cannot hold {n} "
                                 f"layers: {_mb(need)} needed, "
                                 f"{_mb(profile.devices[rank].memory)} in the profile")
@@ -301,19 +284,18 @@ class Stages(list):
         self.profile = profile
 
 
-def pipeline_stages(config, quant, size, profile, max_seq_len, sequences=1):
+def pipeline_stages(config, types, size, profile, max_seq_len, sequences=1):
     """Stages of every rank: even without a profile, else assign_layers.
 
     Every rank but root holds at least one layer: one with none would only pass activations
     on, adding a hop and no work. Root may hold none (it still runs the embedding and the
     classifier), as dllm.plan may choose for a slow root."""
     if profile is None:
-        from .pipeline import split_layers
         if size > config.n_layers:
             raise DllmError(f"{config.n_layers} layers cannot be split over {size} pipeline "
                             f"ranks: every rank needs at least one layer")
         return Stages(split_layers(config.n_layers, size))
-    counts = assign_layers(config, quant, profile, max_seq_len, sequences)
+    counts = assign_layers(config, types, profile, max_seq_len, sequences)
     idle = [rank for rank, n in enumerate(counts) if rank > 0 and n == 0]
     if idle:
         raise DllmError(f"rank {idle[0]} ({profile.devices[idle[0]].name}) would hold none of "
@@ -322,35 +304,26 @@ def pipeline_stages(config, quant, size, profile, max_seq_len, sequences=1):
     return Stages(counts_to_ranges(counts), profile)
 
 
-def check_stage_memory(config, quant, profile, stages, max_seq_len, sequences):
+def check_stage_memory(config, types, profile, stages, max_seq_len, sequences):
     """Raise DllmError when a pipeline rank's layers with KV caches for `sequences`
     sequences in flight (root: also the embedding and classifier) exceed its memory in the
     profile. A pure function, so every rank raises the same error."""
     for rank, ((start, stop), device) in enumerate(zip(stages, profile.devices)):
-        need = stage_bytes(config, quant, stop - start, rank == 0, max_seq_len, sequences)
+        need = stage_bytes(config, types, stop - start, rank == 0, max_seq_len, sequences)
         if need > device.memory:
             raise DllmError(f"{sequences} sequences in flight need {_mb(need)} on rank {rank} "
                             f"({device.name}: {stop - start} layers with their KV caches), more "
                             f"than the {_mb(device.memory)} in the profile")
 
 
-def shard_bytes(config, quant, shard, is_root, max_seq_len):
-    """Memory of a tensor-parallel rank: its slices (dllm.loading.local_tensors) + KV cache."""
-    from .loading import local_tensors
-    weights = sum(tensor_bytes(config, quant, name, rows, cols)
-                  for _, name, rows, cols in local_tensors(config, shard, is_root))
-    return weights + config.n_layers * kv_bytes(config, max_seq_len, shard.n_kv_heads)
-
-
-def tensor_shares(config, quant, profile, max_seq_len):
+def tensor_shares(config, types, profile, max_seq_len):
     """Shares of every rank's tensor-parallel slices: in proportion to speed, capped so that
     a rank's fraction of the split bytes (and root's embedding) fits its memory. Slices are
     whole heads and blocks, so a cap is lowered by what rounding added until every rank fits
     (check_tensor_memory has the last word)."""
-    from .shard import plan
     one = plan(config, 1)[0]
-    split = shard_bytes(config, quant, one, False, max_seq_len)   # everything that is split
-    embedding = tensor_bytes(config, quant, "tok_embeddings")
+    split = shard_bytes(config, types, one, False, max_seq_len)   # everything that is split
+    embedding = tensor_bytes(config, types, "tok_embeddings")
     caps = []
     for rank, device in enumerate(profile.devices):
         free = device.memory - (embedding if rank == 0 else 0)
@@ -364,7 +337,7 @@ def tensor_shares(config, quant, profile, max_seq_len):
         if not all(shares):
             return shares        # plan() names the rank without a share
         shards = plan(config, profile.size, shares=shares)
-        over = [(s.rank, shard_bytes(config, quant, s, s.rank == 0, max_seq_len) - d.memory)
+        over = [(s.rank, shard_bytes(config, types, s, s.rank == 0, max_seq_len) - d.memory)
                 for s, d in zip(shards, profile.devices)]
         if all(excess <= 0 for _, excess in over):
             return shares
@@ -376,11 +349,11 @@ def tensor_shares(config, quant, profile, max_seq_len):
     return shares
 
 
-def check_tensor_memory(config, quant, profile, shards, max_seq_len):
+def check_tensor_memory(config, types, profile, shards, max_seq_len):
     """Raise DllmError when a rank's slices (after rounding to heads and blocks) exceed its
     memory in the profile."""
     for shard, device in zip(shards, profile.devices):
-        need = shard_bytes(config, quant, shard, shard.rank == 0, max_seq_len)
+        need = shard_bytes(config, types, shard, shard.rank == 0, max_seq_len)
         if need > device.memory:
             raise DllmError(f"rank {shard.rank} ({device.name}) needs {_mb(need)} for its "
                             f"slices, more than the {_mb(device.memory)} in the profile")

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _threads
-
 
 class StepTimer:
     """Laps of wall time and collective statistics on this rank."""
@@ -55,7 +53,7 @@ def conditions(comm, model, **extra):
     """The run's conditions, gathered from every rank (collective)."""
     hosts = comm.gather(socket.gethostname())
     return {"world_size": comm.size, "hosts": sorted(set(hosts)) if hosts else None,
-            "threads_per_rank": _threads.THREADS, "kernels": model.kernels.name,
+            "threads_per_rank": model.kernels.threads, "kernels": model.kernels.name,
             "model": model.path,
             "quant": model.quant,
             "sync": model.sync, "sync_scheme": model.scheme, "max_seq_len": model.max_seq_len,

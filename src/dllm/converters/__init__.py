@@ -3,7 +3,7 @@
 | module      | source                                   | wq/wk rows            |
 |-------------|------------------------------------------|-----------------------|
 | hf          | Hugging Face folder (safetensors)        | rotate-half: permuted |
-| gguf        | llama.cpp GGUF (Q4_0 copied byte for byte)| interleaved           |
+| gguf        | llama.cpp GGUF (table types kept as stored)| interleaved          |
 | llama2c     | Karpathy llama2.c .bin (v0 legacy, v1)   | interleaved           |
 | synthetic   | random Q4_0 weights of a real shape      | -                     |
 
@@ -44,7 +44,7 @@ def detect_format(source):
                     f"GGUF files and llama2.c .bin files)")
 
 
-def open_checkpoint(source, quant="q40", fmt=None, tokenizer_path=None):
+def open_checkpoint(source, fmt=None, tokenizer_path=None):
     """Open `source` as a common.Checkpoint (fmt: one of FORMATS, detected when None)."""
     fmt = fmt or detect_format(source)
     if fmt in ("gguf", "llama2c"):
@@ -63,7 +63,7 @@ def open_checkpoint(source, quant="q40", fmt=None, tokenizer_path=None):
             raise DllmError("reading GGUF needs the 'gguf' package: "
                             "pip install 'dllm[convert]'") from None
         from .gguf import read_gguf
-        return read_gguf(str(source), quant)
+        return read_gguf(str(source))
     if fmt == "llama2c":
         from .llama2c import read_llama2c
         return read_llama2c(source, tokenizer_path)

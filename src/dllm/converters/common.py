@@ -9,9 +9,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ..errors import DllmError
-from ..modelfile import StoredTensor, count_non_finite, tensor_shapes, write_model
-from ..quant import Q40_BLOCK_BYTES
+from ..modelfile import QuantizeTo, StoredTensor, count_non_finite, tensor_shapes, write_model
 from ..tokenizer import CHAT_TEMPLATES, Tokenizer, read_tokenizer_file
+from ..weight_types import NAMES, TYPES
 
 BLOCK = 32
 
@@ -106,6 +106,7 @@ class Checkpoint:
     close: object = None
     config_origin: str = "the checkpoint's config"
     source_names: dict = field(default_factory=dict)
+    source_types: dict = field(default_factory=dict)   # dllm name -> source type, if known
 
 
 def hidden_padding(config):
@@ -138,11 +139,13 @@ def pad_hidden(ckpt):
 
 
 def _pad_any(tensor, shape):
+    """Zero-padded in its stored form: zero bytes are zero values in every weight type
+    (a block's scale 0). A block type pads whole rows only (w1, w3: a source in blocks has
+    whole-block columns, so its w2 needs no padding)."""
     if isinstance(tensor, StoredTensor):
-        if tensor.quant == "q40":   # whole zero rows: d = 0, every value 0 (w1, w3 only)
-            stored = (shape[0], tensor.data.shape[1])
-            return StoredTensor(zero_padded(_lazy(tensor.data), stored), "q40", tensor.source)
-        return StoredTensor(zero_padded(_lazy(tensor.data), shape), "f32", tensor.source)
+        stored = TYPES[tensor.quant].stored_shape(shape)
+        return StoredTensor(zero_padded(_lazy(tensor.data), stored), tensor.quant,
+                            tensor.source)
     return zero_padded(tensor, shape)
 
 
@@ -150,21 +153,104 @@ def _lazy(array):
     return array if isinstance(array, LazyTensor) else LazyTensor.of(array, dtype=array.dtype)
 
 
-def keep_unblocked_f32(ckpt, quant):
-    """With --quant q40, matrices whose rows are not whole 32-value blocks (dim % 32 != 0)
-    stay float32 (StoredTensor "f32"); the engine takes each matrix's type from the file."""
-    if quant != "q40" or ckpt.config.dim % BLOCK == 0:
-        return ckpt
+QUANT_CHOICES = NAMES + ("keep",)
+# Source type names (GGUF's, safetensors') of the types the table has.
+SOURCE_TYPES = {t.ggml: t.name for t in TYPES.values()}
+
+
+@dataclass(frozen=True)
+class TypePolicy:
+    """The weight type each matrix is stored as: `quant` for the layers' matrices, `output`
+    for the classifier and `embedding` for the token embedding. "keep"
+    stores a tensor in its source type when the table has it (a GGUF Q4_0, Q8_0, F16,
+    BF16 or F32 tensor copied byte for byte; an HF BF16 weight as bf16), else as `other`
+    (K-quants and other types the table lacks: dequantized by gguf-py, requantized).
+    Matrices whose rows are not whole blocks of the chosen type stay f32. The classifier's
+    q80 default (`defaulted`) never requantizes a source stored in fewer bytes: that adds
+    bytes, not precision (a GGUF's Q4_0 classifier stays Q4_0)."""
+    quant: str = "q40"
+    output: str = "q80"
+    embedding: str = "q40"
+    other: str = "q80"
+    defaulted: tuple = ()
+
+    @classmethod
+    def of(cls, quant=None, output=None, embedding=None, other=None, fmt=None):
+        """The policy of convert's options; None takes the defaults: "keep" for GGUF files
+        and q40 for the others; the classifier q80 when the layers are q40 (as llama.cpp
+        keeps it more precise, docs/conversion.md: perplexity), except for synthetic
+        weights, which match the peer's all-Q4_0 files; the embedding as the layers."""
+        quant = quant or ("keep" if fmt == "gguf" else "q40")
+        for option, value in (("--quant", quant), ("--output-quant", output),
+                              ("--embedding-quant", embedding), ("--other-quant", other)):
+            allowed = NAMES if option == "--other-quant" else QUANT_CHOICES
+            if value is not None and value not in allowed:
+                raise DllmError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
+        defaulted = ()
+        if output is None and quant == "q40" and fmt != "synthetic":
+            output, defaulted = "q80", ("output",)
+        output = output or quant
+        return cls(quant, output, embedding or quant, other or "q80", defaulted)
+
+    def target(self, name, source):
+        """The type tensor `name` (of source type `source`) is stored as."""
+        wanted = {"output": self.output, "tok_embeddings": self.embedding}.get(name, self.quant)
+        kept = SOURCE_TYPES.get(source)
+        if wanted == "keep":
+            return kept or self.other
+        if name in self.defaulted and kept and \
+                TYPES[kept].bytes_per_weight < TYPES[wanted].bytes_per_weight:
+            return kept
+        return wanted
+
+    def describe(self):
+        parts = [self.quant] + [f"{what} {t}" for what, t in (("output", self.output),
+                                                              ("embedding", self.embedding))
+                                if t != self.quant]
+        return ", ".join(parts)
+
+
+def assign_types(ckpt, policy):
+    """Every matrix wrapped for the writer in its policy's type: a StoredTensor already of
+    that type is copied byte for byte; anything else becomes a QuantizeTo of its float
+    values (a stored tensor of another type dequantized first). Warns once for the source
+    types the table lacks and for matrices that cannot be blocked."""
     source_tensors = ckpt.tensors
+    warnings = list(ckpt.warnings)
+    foreign = sorted({t for t in ckpt.source_types.values() if t not in SOURCE_TYPES})
+    if foreign and "keep" in (policy.quant, policy.output, policy.embedding):
+        count = sum(t in foreign for t in ckpt.source_types.values())
+        warnings.append(f"{count} tensors are {'/'.join(foreign)}, types dllm does not have: "
+                        f"dequantized and requantized to {policy.other} (--other-quant; their "
+                        f"errors are in the table below)")
+    if ckpt.config.dim % BLOCK and any(TYPES[t].block > 1 for t in (policy.quant, policy.output)
+                                       if t in TYPES):
+        warnings.append(f"dim {ckpt.config.dim} is not a multiple of {BLOCK}: matrices over "
+                        f"dim stay f32")
 
     def tensors():
         for name, tensor in source_tensors():
-            if len(tensor.shape) == 2 and tensor.shape[1] % BLOCK and \
-                    not isinstance(tensor, StoredTensor):
-                tensor = StoredTensor(tensor, "f32", tensor.source)
-            yield name, tensor
-    return replace(ckpt, tensors=tensors, warnings=ckpt.warnings + [
-        f"dim {ckpt.config.dim} is not a multiple of {BLOCK}: matrices over dim stay f32"])
+            shape = _logical_shape(tensor)
+            if len(shape) == 1:
+                yield name, tensor                       # a norm: always f32
+                continue
+            target = policy.target(name, tensor.source)
+            if not TYPES[target].fits(shape[-1]):
+                target = "f32"
+            if isinstance(tensor, StoredTensor):
+                if tensor.quant == target:
+                    yield name, tensor
+                    continue
+                tensor = _dequantized(tensor)
+            yield name, QuantizeTo(tensor, target, tensor.source)
+    return replace(ckpt, tensors=tensors, warnings=warnings)
+
+
+def _dequantized(tensor):
+    """A StoredTensor's float values, read by row blocks."""
+    data, wtype = _lazy(tensor.data), TYPES[tensor.quant]
+    shape = _logical_shape(tensor)
+    return LazyTensor(shape, lambda a, b: wtype.dequantize(data[a:b]), tensor.source)
 
 
 def with_tokenizer(ckpt, tokenizer_path=None, chat_template=None):
@@ -276,8 +362,11 @@ def _logical_shape(tensor):
     if not isinstance(tensor, StoredTensor):
         return tuple(int(n) for n in tensor.shape)
     shape = tuple(int(n) for n in tensor.data.shape)
-    if tensor.quant == "q40" and len(shape) == 2 and shape[1] % Q40_BLOCK_BYTES == 0:
-        return shape[0], shape[1] // Q40_BLOCK_BYTES * BLOCK
+    wtype = TYPES[tensor.quant]
+    if len(shape) == 2:
+        entries_per_block = wtype.block_bytes // wtype.dtype.itemsize
+        if shape[1] % entries_per_block == 0:
+            return shape[0], shape[1] // entries_per_block * wtype.block
     return shape
 
 
@@ -298,10 +387,11 @@ def _finite_checked(tensor, source_name):
     stored = isinstance(tensor, StoredTensor)
     lazy = _lazy(tensor.data if stored else tensor if hasattr(tensor, "shape")
                  else np.asarray(tensor))
+    kind = tensor.quant if stored else "f32"
 
     def read(a, b):
         block = lazy[a:b]
-        if count_non_finite(block):
+        if count_non_finite(block, kind):
             raise DllmError(f"checkpoint tensor {source_name} holds NaN or infinite values "
                             f"in rows {a}..{b - 1}: refusing to convert a damaged "
                             f"checkpoint (--allow-nonfinite converts it anyway)")
@@ -310,16 +400,17 @@ def _finite_checked(tensor, source_name):
     return StoredTensor(checked, tensor.quant, tensor.source) if stored else checked
 
 
-def prepare(ckpt, quant, allow_nonfinite=False):
+def prepare(ckpt, policy, allow_nonfinite=False):
     """The checkpoint as it will be written: shapes checked against the config, values
-    checked finite (unless allow_nonfinite), hidden size padded, unblockable matrices f32."""
+    checked finite (unless allow_nonfinite), hidden size padded, every matrix in the type
+    its TypePolicy says."""
     ckpt = check_shapes(ckpt)
     if not allow_nonfinite:
         ckpt = refuse_nonfinite(ckpt)
-    return keep_unblocked_f32(pad_hidden(ckpt), quant)
+    return assign_types(pad_hidden(ckpt), policy)
 
 
-def write_checkpoint(ckpt, out, quant, progress=False):
+def write_checkpoint(ckpt, out, progress=False):
     """Write a prepared checkpoint atomically (a progress bar on stderr when `progress`);
     returns the TensorReports."""
     progress = ProgressBar(ckpt.config) if progress else None
@@ -329,7 +420,7 @@ def write_checkpoint(ckpt, out, quant, progress=False):
     if ckpt.chat_template_jinja:
         tokenizer_attrs["chat_template_jinja"] = ckpt.chat_template_jinja
     try:
-        return write_model(out, ckpt.config, ckpt.tensors(), quant=quant,
+        return write_model(out, ckpt.config, ckpt.tensors(), quant="f32",
                            tokenizer=ckpt.tokenizer, metadata=ckpt.metadata, attrs=ckpt.attrs,
                            tokenizer_attrs=tokenizer_attrs if ckpt.tokenizer else None,
                            on_tensor=progress)
@@ -373,18 +464,18 @@ def error_table(reports):
         shape = "x".join(map(str, r.shape))
         if r.max_err is None:
             errs = f"{'copied as stored':>28s}"
-        elif r.quant == "f32":
+        elif r.max_err == 0:
             errs = f"{'exact':>28s}"
         else:
             errs = f"{r.max_err:9.2e} {r.rms_err:9.2e} {_relative(r):8.2%}"
         lines.append(f"{r.name:28s} {shape:>14s} {r.source:>8s} {r.quant:>4s} "
                      f"{_size(r.nbytes):>9s} {errs}")
     total = f"{len(reports)} tensors, {_size(sum(r.nbytes for r in reports))}"
-    quantized = [r for r in reports if r.quant == "q40" and r.max_err is not None]
+    quantized = [r for r in reports if r.max_err]
     if quantized:
         worst = max(quantized, key=_relative)
-        total += (f"; {len(quantized)} quantized to Q4_0 here, worst relative rms error "
-                  f"{_relative(worst):.2%} ({worst.name})")
+        total += (f"; {len(quantized)} quantized here, worst relative rms error "
+                  f"{_relative(worst):.2%} ({worst.name}, {worst.source} -> {worst.quant})")
     return "\n".join(lines + [total])
 
 

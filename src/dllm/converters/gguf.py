@@ -1,10 +1,14 @@
 """llama.cpp GGUF files (general.architecture = "llama"), read with the ``gguf`` package.
 
 GGUF tensors are already in the engine's layout: [out, in] rows (numpy shape is the reverse
-of GGML's ne), wq/wk in interleaved RoPE order (llama.cpp's converter permutes them). A Q4_0
-tensor is the same GGML block_q4_0 bytes as a dllm Q4_0 matrix, so with --quant q40 it is
-copied byte for byte; every other type gguf-py can dequantize (F32, F16, BF16, Q8_0, the
-K-quants, ...) is read as float32 and stored as --quant says.
+of GGML's ne), wq/wk in interleaved RoPE order (llama.cpp's converter permutes them). A
+tensor of a type dllm's weight-type table has (Q4_0, Q8_0, F16, BF16, F32: the same GGML
+bytes) is offered as stored, so that --quant keep (the default for GGUF) copies it byte for
+byte; every other type gguf-py can dequantize (the K-quants, ...) is read as float32 and
+requantized as the TypePolicy says (common.assign_types).
+
+Metadata is decoded here (``field_value``) rather than with ReaderField.contents(), which
+gguf-py 0.10-0.13 lack.
 
 The tokenizer comes from tokenizer.ggml.*: a "llama" (SentencePiece) vocabulary becomes a
 SentencePiece model with the same pieces, scores and types; a "gpt2" byte-level BPE
@@ -20,7 +24,7 @@ from ..errors import DllmError
 from ..kernels import rope_frequencies
 from ..modelfile import StoredTensor
 from ..tokenizer import CONTROL, USER_DEFINED, detect_chat_template, sentencepiece_model
-from .common import Checkpoint, LazyTensor, expand_names
+from .common import SOURCE_TYPES, Checkpoint, LazyTensor, expand_names
 
 GGUF_MAGIC = b"GGUF"
 
@@ -50,13 +54,16 @@ def is_gguf(path):
         return f.read(4) == GGUF_MAGIC
 
 
-def read_gguf(path, quant):
-    """Open a GGUF file as a Checkpoint; Q4_0 tensors become StoredTensors when quant is q40."""
+def read_gguf(path):
+    """Open a GGUF file as a Checkpoint; tensors of the table's types are StoredTensors."""
     import gguf
     try:
         reader = gguf.GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OSError) as exc:
+    except (ValueError, IndexError, KeyError, OSError, TypeError) as exc:
         raise DllmError(f"{path} cannot be read as GGUF (truncated or corrupt? {exc})") from None
+    except AttributeError as exc:   # a gguf-py older than numpy (0.10-0.12 with numpy 2)
+        raise DllmError(f"gguf {_version(gguf)} cannot read GGUF files with numpy "
+                        f"{np.__version__} ({exc}): pip install 'gguf>=0.13'") from None
     meta = GGUFMeta(reader)
     arch = meta.get("general.architecture")
     if arch != "llama":
@@ -71,12 +78,24 @@ def read_gguf(path, quant):
     if tok_warning:
         warnings.append(tok_warning)
     jinja = meta.get("tokenizer.chat_template")
-    return Checkpoint(config, lambda: gguf_tensors(tensors, config, quant), tokenizer,
+    names = gguf_names(config)
+    source_types = {ours: gguf.GGMLQuantizationType(tensors[g].tensor_type).name
+                    for g, ours in names.items() if g in tensors}
+    return Checkpoint(config, lambda: gguf_tensors(tensors, config), tokenizer,
                       detect_chat_template(jinja), jinja,
                       metadata={"source": f"gguf:{os.path.basename(path)}",
                                 "source_format": "gguf"},
                       warnings=warnings, config_origin="the GGUF metadata",
-                      source_names={ours: g for g, ours in gguf_names(config).items()})
+                      source_names={ours: g for g, ours in names.items()},
+                      source_types=source_types)
+
+
+def _version(module):
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(module.__name__)
+    except PackageNotFoundError:
+        return "(unknown version)"
 
 
 class GGUFMeta:
@@ -87,7 +106,7 @@ class GGUFMeta:
 
     def get(self, key, default=None):
         field = self.fields.get(key)
-        return default if field is None else field.contents()
+        return default if field is None else field_value(field)
 
     def float(self, key, default):
         """A float32 field as the shortest decimal that rounds to it (1e-05, not
@@ -163,7 +182,27 @@ def gguf_names(config):
     return expand_names(GGUF_NAMES, config, "output.weight")
 
 
-def gguf_tensors(tensors, config, quant):
+def field_value(field):
+    """A GGUF metadata field as a Python value: a number, a bool, a str, or a list of
+    them (arrays), from the ReaderField's parts as every gguf-py version >= 0.10 lays them
+    out (parts[data[i]] holds item i; a string item is its UTF-8 bytes)."""
+    import gguf
+    if not field.types:
+        return None
+    STRING, ARRAY = gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY
+
+    def item(index, kind):
+        part = field.parts[index]
+        if kind == STRING:
+            return bytes(part).decode("utf-8", errors="replace")
+        value = part.tolist()
+        return value[0] if len(value) == 1 else value
+    if field.types[0] == ARRAY:
+        return [item(i, field.types[-1]) for i in field.data]
+    return item(field.data[0], field.types[0])
+
+
+def gguf_tensors(tensors, config):
     """Yield (dllm name, tensor) of a llama GGUF, one at a time."""
     names = gguf_names(config)
     missing = [n for n in names if n not in tensors]
@@ -174,19 +213,23 @@ def gguf_tensors(tensors, config, quant):
         raise DllmError(f"GGUF tensor {extra[0]} is not part of a Llama model "
                         f"({len(extra)} such tensors)")
     for g, ours in names.items():
-        yield ours, gguf_tensor(tensors[g], quant)
+        yield ours, gguf_tensor(tensors[g])
 
 
-def gguf_tensor(t, quant):
-    """A StoredTensor of a Q4_0 matrix (--quant q40: copied as is), else a float LazyTensor."""
+def gguf_tensor(t):
+    """A StoredTensor of a matrix whose type the table has (its GGML bytes as they are;
+    BF16 viewed as uint16 bits), else a LazyTensor of float32 rows (norms; K-quants and
+    other types, dequantized by gguf-py)."""
     import gguf
     kind = gguf.GGMLQuantizationType(t.tensor_type)
     data = t.data
-    if kind == gguf.GGMLQuantizationType.Q4_0 and quant == "q40":
-        return StoredTensor(data, "q40", "Q4_0")
     shape = tuple(int(n) for n in reversed(t.shape.tolist()))
     if len(shape) == 2 and shape[0] == 1 and data.ndim == 1:
         shape = shape[1:]
+    if kind.name in SOURCE_TYPES and len(shape) == 2:
+        if kind == gguf.GGMLQuantizationType.BF16:
+            data = data.view(np.uint16)
+        return StoredTensor(data, SOURCE_TYPES[kind.name], kind.name)
     if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
         return LazyTensor(shape, lambda a, b: data[a:b], kind.name)
 

@@ -21,6 +21,7 @@ from ..checks import read_json
 from ..config import ModelConfig
 from ..errors import DllmError
 from ..tokenizer import Tokenizer, detect_chat_template
+from ..weight_types import dequantize_bf16
 from .common import Checkpoint, LazyTensor, expand_names, permute_rows
 
 # Hugging Face Llama tensor names -> dllm names ({i} is the layer).
@@ -171,13 +172,8 @@ class SafetensorsFile:
         raw = np.memmap(self.path, dtype=SAFETENSORS_DTYPES[dtype], mode="r",
                         offset=self.base + begin, shape=shape)
         if dtype == "BF16":
-            return LazyTensor(shape, lambda a, b: bf16_to_f32(raw[a:b]), dtype)
+            return LazyTensor(shape, lambda a, b: dequantize_bf16(raw[a:b]), dtype)
         return LazyTensor(shape, lambda a, b: raw[a:b], dtype)
-
-
-def bf16_to_f32(raw):
-    """bfloat16 bits (uint16) -> float32: the same bits in the upper half."""
-    return (np.asarray(raw).astype(np.uint32) << 16).view(np.float32)
 
 
 def _safe_open(path):
