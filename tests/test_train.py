@@ -13,7 +13,7 @@ import pytest
 from conftest import WORLD, all_ranks, random_weights
 from dllm.comm import Comm
 from dllm.config import ModelConfig
-from dllm.generate import default_model
+from dllm import demo_model
 from dllm.modelfile import ModelFile, write_model
 from dllm.train import data
 from dllm.train.gradsync import GradSync, bytes_per_step, make_buckets, parse_grad_sync
@@ -35,7 +35,7 @@ def files(tmp_path_factory):
     folder = WORLD.bcast(str(tmp_path_factory.mktemp("train")) if WORLD.is_root else None)
     paths = [f"{folder}/tiny-f32.h5", f"{folder}/train.txt", f"{folder}/val.txt"]
     if WORLD.is_root:
-        with ModelFile(default_model()) as demo:
+        with ModelFile(demo_model()) as demo:
             tokenizer = demo.tokenizer()
         weights = {k: v * (0.3 if v.ndim > 1 else 1) for k, v in random_weights(CONFIG, 2).items()}
         write_model(paths[0], CONFIG, weights.items(), quant="f32", tokenizer=tokenizer)
@@ -207,10 +207,10 @@ def killed_and_uninterrupted(files, tmp_path_factory):
     clean, killed = folder / "clean.h5", folder / "killed.h5"
     # top-k: its per-rank residuals are part of the state a resume must restore.
     result = subprocess.run(train_cmd(2, *argv(files, clean, "--grad-sync", "topk:0.2",
-                                                steps=40, checkpoint_every=5)),
+                                                steps=30, checkpoint_every=5)),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    cmd = train_cmd(2, *argv(files, killed, "--grad-sync", "topk:0.2", steps=40,
+    cmd = train_cmd(2, *argv(files, killed, "--grad-sync", "topk:0.2", steps=30,
                              checkpoint_every=5))
 
     def past_a_checkpoint():
@@ -246,18 +246,27 @@ def test_trained_model_generates_at_any_rank_count(killed_and_uninterrupted):
     assert texts[0] == texts[1] and len(texts[0].split()) > 3
 
 
-@pytest.mark.parametrize("extra,message", [
-    (("--batch", "3"), "--batch 3 is not divisible by 2 ranks"),
-    (("--grad-sync", "topk:2"), "kept fraction"),
-    (("--parallel", "tensor", "--grad-sync", "q80"), "--grad-sync applies to --parallel data"),
-    (("--lr", "0"), "--lr must be positive"),
-])
-def test_bad_input_is_one_error_line(files, tmp_path, extra, message):
-    result = subprocess.run(train_cmd(2, *argv(files, tmp_path / "x.h5"), *extra),
+def test_bad_input_is_one_error_line(files, tmp_path):
+    result = subprocess.run(train_cmd(2, *argv(files, tmp_path / "x.h5"), "--batch", "3"),
                             capture_output=True, text=True, timeout=60)
     lines = [line for line in result.stderr.splitlines() if line.startswith("dllm.")]
-    assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "--batch 3 is not divisible by 2 ranks" in lines[0]
     assert "Traceback" not in result.stderr and not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--grad-sync", "topk:2"), "kept fraction"),
+    (("--grad-sync", "q8"), "--grad-sync must be f32, q80 or topk:K"),
+    (("--parallel", "tensor", "--grad-sync", "q80"), "--grad-sync applies to --parallel data"),
+    (("--lr", "0"), "--lr must be positive"),
+    (("--seq-len", "65"), "exceeds the model's context of 64"),
+])
+def test_bad_settings_are_refused_before_any_step(files, tmp_path, extra, message):
+    from dllm.errors import DllmError
+    with pytest.raises(DllmError, match=message):
+        train(Comm.self_comm(), argv(files, tmp_path / "x.h5", *extra))
+    assert not (tmp_path / "x.h5").exists() and not (tmp_path / "x.h5.jsonl").exists()
 
 
 def test_checkpoint_of_another_run_is_refused(files, tmp_path):

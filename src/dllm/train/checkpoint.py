@@ -13,7 +13,7 @@ import numpy as np
 
 from ..atomic import replacing
 from ..config import ModelConfig
-from ..converters.common import Checkpoint, prepare, write_checkpoint
+from ..converters.common import Checkpoint, TypePolicy, prepare, write_checkpoint
 from ..errors import DllmError
 
 KIND, VERSION = "dllm-train-checkpoint", 1
@@ -65,7 +65,8 @@ def _read_group(group):
 
 def export(path, config, params, tokenizer, quant, metadata):
     """Root: the trained weights as a dllm model file, through the converter's writer:
-    matrices quantized to `quant` (q40 or f32) as dllm.convert writes them."""
+    matrices stored as `quant` (a weight type) with the classifier and embedding in the
+    types dllm.convert --quant QUANT gives them (converters.common.TypePolicy)."""
     ckpt = Checkpoint(config, lambda: iter(params.items()), tokenizer=tokenizer,
                       metadata=metadata)
-    return write_checkpoint(prepare(ckpt, quant), path, quant)
+    return write_checkpoint(prepare(ckpt, TypePolicy.of(quant)), path)

@@ -17,17 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import append_line, write_text
-from ..cli import ArgumentParser, add_fault_options, model_loaded, root_print, run, \
-    use_fault_options
+from ..atomic import append_lines, write_text
+from .. import _threads
+from ..cli import ArgumentParser, add_fault_options, add_thread_option, model_loaded, \
+    root_print, run, use_fault_options
 from ..checks import check_paths
 from ..comm import Comm
 from ..config import ModelConfig
 from ..errors import DllmError, on_one_rank
 from ..modelfile import ModelFile, tensor_shapes
-from ..quant import dequantize_q40
 from ..stats import git_revision
 from ..tokenizer import Tokenizer, read_tokenizer_file
+from ..weight_types import NAMES as WEIGHT_TYPES, weight_type
 from . import checkpoint, data
 from .gradsync import GradSync, parse_grad_sync
 from .model import grad_order, init_params, local_shapes, loss_and_grads, parameter_count, \
@@ -42,6 +43,7 @@ PRESETS = {
     "tinystories-6m": dict(dim=256, hidden_dim=768, n_layers=6, n_heads=8, n_kv_heads=4),
 }
 # The settings a checkpoint is tied to: a rerun with other values would be another run.
+# (--threads is not one: it changes the time, not a number.)
 RUN_SETTINGS = ("model", "init", "tokenizer", "text", "steps", "batch", "seq_len", "lr",
                 "warmup", "min_lr_ratio", "weight_decay", "clip", "seed", "grad_sync",
                 "bucket_kb", "parallel")
@@ -84,8 +86,9 @@ def build_parser(is_root=True):
     p.add_argument("--bucket-kb", type=int, default=256,
                    help="data parallel: gradient bucket size in KiB of float32 (default 256)")
     p.add_argument("--out", required=True, help="the trained model file (.h5)")
-    p.add_argument("--export-quant", default="q40", choices=("q40", "f32"),
-                   help="weight type of --out's matrices (default q40, as dllm.convert)")
+    p.add_argument("--export-quant", default="q40", choices=WEIGHT_TYPES,
+                   help="weight type of --out's layer matrices, the others as dllm.convert "
+                        "stores them beside it (default q40: the classifier q80)")
     p.add_argument("--metrics", default=None, metavar="PATH",
                    help="JSON lines: one per step, one per validation")
     p.add_argument("--checkpoint", default=None, metavar="PATH",
@@ -97,6 +100,7 @@ def build_parser(is_root=True):
     p.add_argument("--val-windows", type=int, default=32,
                    help="validation windows of --seq-len tokens (default 32)")
     p.add_argument("--log-every", type=int, default=10, help="steps between progress lines")
+    add_thread_option(p)
     add_fault_options(p)
     return p
 
@@ -117,6 +121,7 @@ def train(comm, argv):
     args.checkpoint = args.checkpoint or args.out + ".ckpt"
     comm.from_root(check_paths, args)
     comm.from_root(check_settings, args, comm.size)
+    _threads.use(args.threads)      # BLAS and numexpr pools: one thread per rank by default
     use_fault_options(comm, args, hint="rerun the same command to continue from the last "
                                        "checkpoint")
     trainer = Trainer(comm, args)
@@ -153,10 +158,9 @@ def read_source(args):
     with ModelFile(args.model) as mf:
         config, tokenizer = mf.config, tokenizer or mf.tokenizer()
         params = {}
-        for name in tensor_shapes(config):
-            array = mf.read(name)     # Q4_0 bytes are trained from as float32 (master weights)
-            params[name] = dequantize_q40(array) if array.dtype == np.uint8 else \
-                np.asarray(array, np.float32)
+        for name in tensor_shapes(config):   # any stored type -> float32 master weights
+            kind = weight_type(mf.tensor_quant(name))
+            params[name] = np.asarray(kind.dequantize(mf.read(name)), np.float32)
     if tokenizer is None:
         raise DllmError(f"{args.model} has no tokenizer to read --text with: add --tokenizer")
     if Tokenizer(*tokenizer).vocab_size != config.vocab_size:
@@ -199,6 +203,7 @@ class Trainer:
         self.sync = None if self.data_comm is None else GradSync(
             self.data_comm, grad_order(config), shapes, args.grad_sync, args.bucket_kb << 10)
         self.step = 0
+        self.pending = []           # metrics lines not yet written (root)
         self.params = {k: self.split.local(k, v) for k, v in full.items()}
         self.m = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
         self.v = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
@@ -350,19 +355,27 @@ class Trainer:
                   "val_tokens": count}
         root_print(comm, f"{PROG}: step {self.step} validation loss {loss:.4f} perplexity "
                          f"{np.exp(loss):.3f} ({count} tokens)", file=sys.stderr)
-        if comm.is_root and args.metrics:
-            on_one_rank(append_line, args.metrics, json.dumps(record))
+        self.pending.append(json.dumps(record))
+        self.flush_metrics()
 
     def log(self, record):
+        """Root: the step's metrics line (written with the next progress line or checkpoint:
+        one file rewrite and fsync for many steps) and a progress line on stderr."""
         args, comm = self.args, self.comm
-        if comm.is_root and args.metrics:
-            on_one_rank(append_line, args.metrics, json.dumps(record))
+        self.pending.append(json.dumps(record))
         if self.step % args.log_every == 0 or self.step in (1, args.steps):
+            self.flush_metrics()
             root_print(comm, f"{PROG}: step {self.step}/{args.steps} loss {record['loss']:.4f} "
                              f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tokens/s "
                              f"compute {record['compute_ms']:.0f} ms comm "
                              f"{record['comm_ms']:.0f} ms idle {record['idle_ms']:.0f} ms "
                              f"grad {record['grad_bytes']:,} B", file=sys.stderr)
+
+    def flush_metrics(self):
+        """Root: append the pending metrics lines to --metrics (atomically, all at once)."""
+        if self.comm.is_root and self.args.metrics and self.pending:
+            on_one_rank(append_lines, self.args.metrics, self.pending)
+        self.pending = []
 
     # --- checkpoints and the export ---------------------------------------------------------
     def gather(self, arrays):
@@ -390,6 +403,7 @@ class Trainer:
             mine = self.sync.state()
             everyone = comm.gather(mine)
             residuals = np.stack(everyone) if comm.is_root else None
+        self.flush_metrics()        # the lines up to this step, before the state they are of
         if comm.is_root:
             on_one_rank(checkpoint.write, self.args.checkpoint, self.step, self.settings,
                         self.config, self.tokenizer, full[0], {"m": full[1], "v": full[2]},
