@@ -165,3 +165,28 @@ def test_stats_json_in_missing_directory_fails_before_the_run(tmp_path):
 def test_stats_json_that_is_a_directory(tmp_path):
     assert_one_clear_error(run_generate(2, "--steps", 2, "--stats-json", tmp_path), "is a directory")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dllm_command_verbs_version_and_usage_exit_2(tmp_path):
+    """`python -m dllm VERB` runs the verb's module; --version; a command line that does
+    not parse exits 2 (argparse's convention), other bad input 1."""
+    def dllm(*args):
+        return subprocess.run([sys.executable, "-m", "dllm", *map(str, args)],
+                              capture_output=True, text=True, timeout=TIMEOUT)
+    version = dllm("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"dllm {dllm_version()}"
+    assert dllm("inspect", "--version").stdout.strip() == f"dllm {dllm_version()}"
+    inspected = dllm("inspect", DEMO)
+    assert inspected.returncode == 0 and "dllm format v1" in inspected.stdout
+    usage = dllm("inspect", DEMO, "--no-such-flag")
+    assert usage.returncode == 2 and usage.stderr.startswith("dllm.inspect: error:")
+    assert dllm("inspect", tmp_path / "missing.h5").returncode == 1
+    unknown = dllm("frobnicate")
+    assert unknown.returncode == 2 and "unknown verb" in unknown.stderr
+    text = run_generate(1, "--steps", "x")
+    assert text.returncode == 2 and len(error_lines(text)) == 1
+
+
+def dllm_version():
+    import dllm
+    return dllm.__version__

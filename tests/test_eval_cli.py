@@ -31,10 +31,11 @@ def run_eval(n, *args):
 
 
 def assert_one_clear_error(result, *fragments):
-    assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(lines) == 1 and lines[0].startswith("dllm.eval: error: "), result.stderr
+    usage = lines[0].endswith("(see --help)")     # argparse's convention: a usage error is 2
+    assert result.returncode == (2 if usage else 1), result.stdout + result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
 

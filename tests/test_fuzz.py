@@ -599,13 +599,16 @@ def outcome_problems(case, code, stdout, stderr, seconds):
     traceback, hang, exit code, error line (not exactly one), wording (the one line lacks
     the fragment), warning."""
     problems = []
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    # a command line that does not parse exits 2 (argparse's convention), other errors 1
+    usage = case.code == 1 and len(errors) == 1 and errors[0].endswith("(see --help)")
+    expected = 2 if usage else case.code
     if "Traceback" in stdout + stderr or code in ("aborted", "traceback"):
         problems.append(f"traceback: {stderr[-800:]}")
     if code == "hung" or seconds >= (MPI_SECONDS if case.mpi else SECONDS):
         problems.append(f"hang: {seconds:.1f} s")
-    elif code != case.code and code not in ("aborted", "traceback"):
-        problems.append(f"exit code: {code}, expected {case.code}: {stderr[-800:]}")
-    errors = [line for line in stderr.splitlines() if "error:" in line]
+    elif code != expected and code not in ("aborted", "traceback"):
+        problems.append(f"exit code: {code}, expected {expected}: {stderr[-800:]}")
     if case.code == 0 and errors:
         problems.append(f"error line: {errors}")
     elif case.code != 0 and not (len(errors) == 1

@@ -15,8 +15,8 @@ import traceback
 from .backend import KERNELS
 from .checks import check_values, finite_float
 from .errors import DllmError, LoneError, UsageError, exit_status
+from .output import FLUSH_SECONDS, end_output
 
-FLUSH_SECONDS = 1.0     # between the last line and an abort (see abort_job)
 MPI_HELP = ("install an MPI library: pip install 'dllm[mpich]' (PyPI MPICH), or your system's "
             "MPI (apt install mpich libmpich-dev, then pip install --no-binary mpi4py mpi4py)")
 
@@ -137,20 +137,6 @@ def model_loaded(comm):
         comm.watchdog.loaded()
 
 
-_stdout_mid_line = False   # root's text on stdout does not end with a newline yet
-
-
-def root_print(comm, *args, **kwargs):
-    """Print on root only (all user-facing output goes through here)."""
-    global _stdout_mid_line
-    if comm.is_root:
-        kwargs.setdefault("flush", True)
-        print(*args, **kwargs)
-        text = kwargs.get("sep", " ").join(map(str, args)) + kwargs.get("end", "\n")
-        if kwargs.get("file") in (None, sys.stdout) and text:
-            _stdout_mid_line = not text.endswith("\n")
-
-
 def run(main, argv, prog):
     """Run main(comm, argv) on every rank under the error contract; returns the exit code."""
     try:
@@ -191,19 +177,6 @@ def run(main, argv, prog):
         if comm.watchdog is not None:
             comm.watchdog.stop()
     return 1
-
-
-def end_output():
-    """Before an abort: end root's text with a newline and flush both streams, so that the
-    error line arrives (MPI_Abort kills the process with whatever is still buffered) and
-    the launcher's own banner does not land inside the generated text."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is sys.stdout and _stdout_mid_line:
-                stream.write("\n")
-            stream.flush()
-        except (OSError, ValueError):   # a closed pipe: nothing more can arrive anyway
-            pass
 
 
 def abort_job(comm, code):

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from . import evaluate
 from .cli import (ArgumentParser, add_engine_options, add_fault_options, entry, load_model,
-                  model_loaded, root_print, run, use_fault_options)
+                  model_loaded, run, use_fault_options)
 from .checks import check_paths, read_file, read_json
 from .errors import DllmError
+from .output import root_print
 from . import demo_model
 from .atomic import write_json
 from .stats import conditions

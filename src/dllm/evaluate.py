@@ -59,15 +59,6 @@ def log_softmax(logits):
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def forward_from(model, ids, pos, logits="last"):
-    """Collective: run ids at positions pos.. in chunks of model.prefill_chunk (matrix-matrix
-    kernels); returns the last chunk's logits on root."""
-    out = None
-    for start in range(0, len(ids), model.prefill_chunk):
-        chunk = ids[start:start + model.prefill_chunk]
-        last = start + len(chunk) == len(ids)
-        out = model.forward(chunk, pos + start, logits if last else None)
-    return out
 
 
 # --- perplexity -----------------------------------------------------------------------------
@@ -388,11 +379,11 @@ def score_prompts(model, prompts, continuations, reuse_prefix=True, progress=Non
     inner = sorted({c[:j] for c in conts for j in range(1, len(c))})
     starts = prompt_starts(prompts, reuse_prefix)
     for i in replay_chain(starts, done):
-        forward_from(model, prompts[i][starts[i]:], starts[i])
+        model.prefill(prompts[i][starts[i]:], starts[i])
     results, forwarded = [], 0
     for i in range(done, len(prompts)):
         ids, start = prompts[i], starts[i]
-        after = {(): forward_from(model, ids[start:], start)}
+        after = {(): model.prefill(ids[start:], start)}
         forwarded += len(ids) - start
         for prefix in inner:   # written after the prompt; positions < len(ids) stay valid
             after[prefix] = model.forward(list(prefix), len(ids), logits="last")

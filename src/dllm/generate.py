@@ -15,9 +15,10 @@ import numpy as np
 from . import demo_model
 from .atomic import write_json
 from .cli import (ArgumentParser, add_engine_options, add_fault_options, entry, load_model,
-                  model_loaded, root_print, run, use_fault_options)
+                  model_loaded, run, use_fault_options)
 from .checks import check_paths, check_utf8, check_values, read_json
 from .errors import DllmError, on_one_rank
+from .output import root_print
 from .sampler import Sampler
 from .stats import StepTimer, conditions, summarize
 

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 
-from .cli import FLUSH_SECONDS, end_output
+from .output import FLUSH_SECONDS, end_output
 
 EXIT_CODE = 75          # EX_TEMPFAIL: the job may succeed if run again (resume it)
 PERIOD = 0.2            # seconds between looks at the main thread
