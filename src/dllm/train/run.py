@@ -19,8 +19,9 @@ import numpy as np
 
 from ..atomic import append_lines, write_text
 from .. import _threads
-from ..cli import ArgumentParser, add_fault_options, add_thread_option, model_loaded, \
-    root_print, run, use_fault_options
+from ..cli import ArgumentParser, add_fault_options, add_thread_option, model_loaded, run, \
+    use_fault_options
+from ..output import root_print
 from ..checks import check_paths
 from ..comm import Comm
 from ..config import ModelConfig
