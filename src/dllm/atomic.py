@@ -97,6 +97,11 @@ def write_json(path, data):
 def append_line(path, line):
     """Add one line to a JSON-lines file, atomically: the file is rewritten whole, because
     an append that hits a full disk leaves half a line that spoils the file."""
+    append_lines(path, [line])
+
+
+def append_lines(path, lines):
+    """Add lines to a JSON-lines file in one atomic rewrite (one fsync for all of them)."""
     try:
         old = Path(path).read_bytes()
     except FileNotFoundError:
@@ -105,7 +110,7 @@ def append_line(path, line):
         raise DllmError(f"cannot append to {path}: {reason(exc)}") from None
     if old and not old.endswith(b"\n"):
         old += b"\n"
-    write_bytes(path, old + line.encode("utf-8") + b"\n")
+    write_bytes(path, old + "".join(line + "\n" for line in lines).encode("utf-8"))
 
 
 def reason(exc):

@@ -30,6 +30,8 @@ RANGES = {
     "port": (0, 65535), "max_running": (1, 4096), "max_queue": (0, None),
     "kv_blocks": (1, None), "prefill_tokens": (1, None), "max_body": (1024, None),
     "repeat": (1, 10 ** 4),
+    "batch": (1, 1 << 20), "seq_len": (1, 1 << 20), "bucket_kb": (1, 1 << 22),
+    "val_every": (0, None), "val_windows": (1, 1 << 20), "log_every": (1, None),
 }
 # --top-p is a probability mass: 0 would keep no token at all.
 OPEN_BELOW = {"top_p": (0, 1)}
@@ -38,9 +40,9 @@ OPEN_BELOW = {"top_p": (0, 1)}
 TEXT_FLAGS = ("prompt", "system")
 # Files a command writes, and the files it reads: an output must never be one of its inputs
 # (dllm.convert X.gguf -o X.gguf would destroy its own source).
-OUTPUT_FLAGS = ("output", "out", "stats_json", "transcript")
+OUTPUT_FLAGS = ("output", "out", "stats_json", "transcript", "metrics", "checkpoint")
 INPUT_FLAGS = ("model", "source", "tokenizer", "profile", "resume", "plans", "results", "a",
-               "b", "text")
+               "b", "text", "val")
 # (output, input) pairs that may name the same file: a resumed generation records into
 # the transcript it continues.
 SAME_FILE_ALLOWED = {("transcript", "resume")}

@@ -88,6 +88,11 @@ def add_kernel_options(p):
                    help="compute kernels: 'fast' (numba, pip install 'dllm[fast]') or "
                         "'numpy' (the reference); default DLLM_KERNELS, else fast when "
                         "numba is installed")
+    add_thread_option(p)
+
+
+def add_thread_option(p):
+    """--threads alone, for commands that compute with numpy only (dllm.train)."""
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="compute threads per rank (default DLLM_THREADS, else 1): one rank "
                         "per machine with N threads, as Distributed Llama's --nthreads")

@@ -184,6 +184,72 @@ class Comm:
             col += w
         return out
 
+    # --- sums over the ranks, for training (dllm.train) ----------------------------------
+    def allreduce_sum(self, array):
+        """Every rank's float array summed elementwise, on every rank (a new array).
+
+        Bytes are counted as a ring all-reduce moves them (reduce-scatter then allgather):
+        2 (n-1)/n of the array sent and as much received by each rank (ring_bytes)."""
+        out = np.ascontiguousarray(array).copy()
+        if self.size == 1:
+            return out
+        start = self._begin("Allreduce")
+        self.mpi.Allreduce(MPI.IN_PLACE, out, op=MPI.SUM)
+        moved = ring_bytes(out.nbytes, self.size)
+        self._count(time.perf_counter() - start, moved, moved)
+        return out
+
+    def iallreduce_sum(self, buf):
+        """Start summing the contiguous float array `buf` over the ranks, in place; returns
+        the request (None on one rank). Bytes counted as allreduce_sum counts them."""
+        if self.size == 1:
+            return None
+        start = self._begin("Iallreduce")
+        request = self.mpi.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        moved = ring_bytes(buf.nbytes, self.size)
+        self._count(time.perf_counter() - start, moved, moved)
+        return request
+
+    def ialltoallv_bytes(self, sendbuf, send_counts, recvbuf, recv_counts):
+        """Start an Alltoallv of uint8 buffers: send_counts[c] bytes of sendbuf (in rank
+        order) to rank c, recv_counts[c] bytes from rank c into recvbuf. Counts the bytes
+        leaving and arriving from other ranks."""
+        send_displs, recv_displs = _displs(send_counts), _displs(recv_counts)
+        start = self._begin("Ialltoallv")
+        request = self.mpi.Ialltoallv([sendbuf, send_counts, send_displs, MPI.BYTE],
+                                      [recvbuf, recv_counts, recv_displs, MPI.BYTE])
+        self._count(time.perf_counter() - start, sum(send_counts) - send_counts[self.rank],
+                    sum(recv_counts) - recv_counts[self.rank])
+        return request
+
+    def iallgatherv_bytes(self, sendbuf, recvbuf, counts):
+        """Start an Allgatherv of uint8 buffers: rank r's counts[r] bytes to every rank, in
+        rank order in recvbuf. Bytes counted as allgather_slices counts them (a rank's payload
+        once per receiver)."""
+        start = self._begin("Iallgatherv")
+        request = self.mpi.Iallgatherv(sendbuf, [recvbuf, counts, _displs(counts), MPI.BYTE])
+        mine = counts[self.rank]
+        self._count(time.perf_counter() - start, mine * (self.size - 1), sum(counts) - mine)
+        return request
+
+    def wait_all(self, requests, what="Waitall"):
+        """Complete the non-blocking collectives `requests` (None entries are done)."""
+        pending = [r for r in requests if r is not None]
+        if pending:
+            start = self._begin(what)
+            MPI.Request.Waitall(pending)
+            self._count(time.perf_counter() - start, 0, 0)
+
+    def test_all(self, requests):
+        """True when every request has completed; drives MPI's progress (never blocks)."""
+        pending = [r for r in requests if r is not None]
+        if not pending:
+            return True
+        start = self._begin("Testall")
+        done = MPI.Request.Testall(pending)
+        self._count(time.perf_counter() - start, 0, 0)
+        return done
+
     # --- point to point, for the pipeline (activations rank to rank) --------------------
     def isend_bytes(self, buf, dest, tag=0):
         """Start sending uint8 `buf` to `dest`; returns the request (pass it to wait before
@@ -385,3 +451,13 @@ class Comm:
 
     def abort(self, code=1):
         self.mpi.Abort(code)
+
+
+def ring_bytes(nbytes, size):
+    """Bytes a ring all-reduce of an nbytes array sends (and receives) on each of `size`
+    ranks: 2 (size-1)/size of it, the bandwidth-optimal algorithm's traffic."""
+    return 2 * (size - 1) * nbytes // size
+
+
+def _displs(counts):
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
