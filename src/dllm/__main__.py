@@ -17,7 +17,13 @@ VERBS = {"generate": "text from a prompt, or a chat",
          "bench": "per-token inference and sync time, tables and plots",
          "convert": "a checkpoint (HF, GGUF, llama2.c) to a dllm model file",
          "inspect": "what is inside a model file",
-         "plan": "calibrate, search and check layer placements"}
+         "plan": "calibrate, search and check layer placements",
+         "serve": "an OpenAI-compatible HTTP server (the serve extra)",
+         "train": "data- and tensor-parallel training",
+         "link": "run a job over an emulated, shaped network (root)"}
+
+# verbs whose main is not in the module of their name (packages)
+MODULES = {"serve": "dllm.serve.__main__", "train": "dllm.train.run"}
 
 
 def usage():
@@ -38,7 +44,7 @@ def main(argv=None):
         print(f"dllm: error: unknown verb {argv[0]!r}; one of {', '.join(VERBS)} (see --help)",
               file=sys.stderr)
         return 2
-    module = importlib.import_module(f"dllm.{argv[0]}")
+    module = importlib.import_module(MODULES.get(argv[0], f"dllm.{argv[0]}"))
     return module.main(argv[1:])
 
 
