@@ -190,11 +190,6 @@ class Model:
         mine = group.alltoall_chunks(partial, self.exchange_dim)               # (n, T, chunk)
         return group.allgather_slices(mine.sum(axis=0), self.exchange_dim)     # (T, dim)
 
-    def mm(self, x, w):
-        """x (T, n), as kernels.quantize_input made it, times a prepared matrix W (rows, n)
-        transposed -> (T, rows) float32."""
-        return self.kernels.matmul(x, w)
-
     def embed(self, tokens):
         """Root only: rows of the token embedding, (T, dim) float32."""
         return self.weights["tok_embeddings"].rows(np.asarray(tokens, dtype=np.int64))

@@ -19,17 +19,12 @@ from .shard import block_split
 from .weight_types import TYPES
 
 
-def type_of(types, name, config=None):
-    """The weight type of tensor `name`: "f32" for norms, else from `types` (a dict or
-    one name). A tied classifier ("output" read from the embedding) has the embedding's."""
-    leaf = name.rsplit("/", 1)[-1]
-    if leaf in NORMS or name == "norm":
+def type_of(types, dataset):
+    """The weight type of dataset `dataset`: "f32" for norms, else from `types` (a dict or
+    one name)."""
+    if dataset == "norm" or dataset.rsplit("/", 1)[-1] in NORMS:
         return "f32"
-    if isinstance(types, str):
-        return types
-    if name == "output" and name not in types:
-        return types["tok_embeddings"]
-    return types[name]
+    return types if isinstance(types, str) else types[dataset]
 
 
 # --- what a rank reads ----------------------------------------------------------------------
@@ -78,7 +73,7 @@ def tensor_bytes(config, types, name, rows=None, cols=None):
     if len(shape) == 1:
         return 4 * n_rows
     n_cols = shape[1] if cols is None else cols[1] - cols[0]
-    return TYPES[type_of(types, dataset, config)].nbytes(n_rows, n_cols)
+    return TYPES[type_of(types, dataset)].nbytes(n_rows, n_cols)
 
 
 def entries_bytes(config, types, entries):

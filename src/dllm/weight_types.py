@@ -21,6 +21,7 @@ rounded to nearest even (NaN kept quiet), as GGML's ggml_compute_fp32_to_bf16; w
 is exact. Norm vectors are always f32. Adding a type is one entry here plus its kernels.
 """
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,16 +144,12 @@ def describe_types(types):
                 if not (name == "norm" or name.endswith("_norm"))}
     if not matrices:
         return "f32"
-    counts = {}
-    for t in matrices.values():
-        counts[t] = counts.get(t, 0) + 1
+    counts = Counter(matrices.values())
     main = max(counts, key=lambda t: (counts[t], t == matrices.get("layers/0/wq")))
     others = {name: t for name, t in matrices.items() if t != main}
     if len(others) <= 3:
         return ", ".join([main] + [f"{name} {t}" for name, t in sorted(others.items())])
-    rest = {}
-    for t in others.values():
-        rest[t] = rest.get(t, 0) + 1
+    rest = Counter(others.values())
     return ", ".join([main] + [f"{n} {t}" for t, n in sorted(rest.items())])
 
 
