@@ -35,17 +35,20 @@ def test_pack_round_trip(rows):
 
 
 def test_input_quantization_is_bit_exact():
-    x = rng(3).standard_normal((1, 160)).astype(np.float32)
+    x = rng(3).standard_normal((3, 160)).astype(np.float32)
     x[0, 32:64] = 0                                          # an all-zero block
     x[0, 64:96] = np.arange(32) - 15.5                       # codes exactly at halves
-    xq = kf.quantize_input(x)
-    expected = quantize_q80(x).reshape(5, 34)
-    np.testing.assert_array_equal(xq.codes.view(np.uint8), expected[:, 2:])
-    np.testing.assert_array_equal(xq.scale, expected[:, :2].copy().view("<f2")[:, 0])
-    lo, hi = xq.codes[:, :16].astype(np.int32), xq.codes[:, 16:].astype(np.int32)
+    xq = kf.Q80Input(x)
+    for t in range(3):                                       # each row as if alone
+        expected = quantize_q80(x[t:t + 1]).reshape(5, 34)
+        np.testing.assert_array_equal(xq.codes[t].view(np.uint8), expected[:, 2:])
+        np.testing.assert_array_equal(xq.scale[t], expected[:, :2].copy().view("<f2")[:, 0])
+    lo, hi = xq.codes[..., :16].astype(np.int32), xq.codes[..., 16:].astype(np.int32)
     np.testing.assert_array_equal(xq.lo, lo)
     np.testing.assert_array_equal(xq.diff, hi - 16 * lo)
-    np.testing.assert_array_equal(xq.offset, (-8 * (lo.sum(1) + hi.sum(1))).astype(np.int16))
+    np.testing.assert_array_equal(xq.offset, (-8 * (lo.sum(-1) + hi.sum(-1))).astype(np.int16))
+    np.testing.assert_array_equal(xq.pairs.view(np.int8).reshape(3, 5, 16, 2),
+                                  np.stack([lo, hi], -1))
 
 
 @pytest.mark.parametrize("rows,n", [(1, 32), (7, 96), (130, 160), (300, 288), (256, 4128)])
@@ -57,7 +60,7 @@ def test_gemv_matches_integer_reference(rows, n, w_scale, x_scale):
     w_q40 = q40_matrix(rows, n, scale=w_scale)
     x = (x_scale * rng(2).standard_normal((1, n))).astype(np.float32)
     x[0, -32:] = 0                                           # a zero input block
-    fast = kf.matmul(kf.quantize_input(x), kf.pack_q40(w_q40))
+    fast = kf.gemv_q40_q80(kf.Q80Input(x), kf.pack_q40(w_q40))
     slow = kernels.matmul_q40_q80_ref(x, w_q40)
     assert fast.shape == (1, rows) and fast.dtype == np.float32
     np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-6 * bound(x, w_q40).max() + 1e-30)
@@ -75,24 +78,78 @@ def test_gemv_of_exact_integers_is_exact():
     x = np.full((1, n), 127.0, np.float32)
     x[0, ::2] = -127.0
     x[0, :32] = 127.0
-    fast = kf.matmul(kf.quantize_input(x), kf.pack_q40(w_q40))
+    fast = kf.gemv_q40_q80(kf.Q80Input(x), kf.pack_q40(w_q40))
     np.testing.assert_array_equal(fast, kernels.matmul_q40_q80_ref(x, w_q40))
     assert fast[0, 0] == -8 * 127 * 32
 
 
 @pytest.mark.parametrize("T", [2, 5])
 @pytest.mark.parametrize("rows,n", [(7, 32), (300, 224), (129, 96)])
-def test_gemm_matches_float_reference(T, rows, n):
+def test_gemm_matches_reference(T, rows, n):
+    """T > 1 rows: Q4_0 x Q8_0 by the C kernel (against the integer reference twin), or,
+    without it, dequantized tiles times float32 inputs (against the float reference)."""
     w_q40 = q40_matrix(rows, n)
     x = rng(2).standard_normal((T, n)).astype(np.float32)
     fast = kf.matmul(kf.quantize_input(x), kf.pack_q40(w_q40))
-    slow = kernels.matmul_q40_ref(x, w_q40)
     assert fast.shape == (T, rows) and fast.dtype == np.float32
-    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5 * np.abs(slow).max())
+    if kf.gemm_isa():
+        slow = kernels.matmul_q40_q80_ref(x, w_q40)
+        np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-6 * bound(x, w_q40).max())
+    else:
+        slow = kernels.matmul_q40_ref(x, w_q40)
+        np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5 * np.abs(slow).max())
+
+
+needs_c = pytest.mark.skipif(kf.gemm_isa() is None,
+                             reason="the C kernel dllm._gemm_q40_q80 is not built or no AVX2")
+
+
+@needs_c
+@pytest.mark.parametrize("rows,n", [(1, 32), (31, 96), (129, 160), (300, 4128), (512, 64)])
+@pytest.mark.parametrize("w_scale,x_scale", [(1.0, 1.0), (4e4, 1.0), (1e-6, 3e4), (1.0, 1e-6)])
+def test_c_gemm_rows_equal_decode_bit_for_bit(rows, n, w_scale, x_scale):
+    """Every row of the C kernel's product is the decode kernel's of that row alone, bit for
+    bit: odd block counts, tail groups, tiles of 4 input rows and their remainder (T = 7),
+    zero blocks and rows, f16 scales at both ends of their range."""
+    w = kf.pack_q40(q40_matrix(rows, n, scale=w_scale))
+    x = (x_scale * rng(2).standard_normal((7, n))).astype(np.float32)
+    x[3] = 0
+    x[:, -32:] = 0
+    both = kf.gemm_q40_q80(kf.Q80Input(x), w)
+    for t in range(len(x)):
+        assert np.array_equal(both[t], kf.gemv_q40_q80(kf.Q80Input(x[t:t + 1]), w)[0])
+
+
+@needs_c
+def test_c_gemm_of_exact_integers_is_exact():
+    """The int16 lanes' worst case (every code at 0 or 15, inputs at +-127) for T > 1."""
+    n, rows = 64, 64
+    blocks = np.zeros((rows, n // 32, 18), np.uint8)
+    blocks[..., :2] = np.array([1.0], "<f2").view(np.uint8)
+    blocks[1::2, :, 2:] = 0xFF
+    w = kf.pack_q40(blocks.reshape(rows, -1))
+    x = np.full((5, n), 127.0, np.float32)
+    x[1] = -127.0
+    out = kf.gemm_q40_q80(kf.Q80Input(x), w)
+    np.testing.assert_array_equal(out[0, 0::2], -8 * 127 * n)
+    np.testing.assert_array_equal(out[0, 1::2], 7 * 127 * n)
+    np.testing.assert_array_equal(out[1], -out[0])
+
+
+def test_without_the_c_kernel_prefill_runs_float(monkeypatch):
+    monkeypatch.setenv("DLLM_GEMM", "numba")
+    assert kf.gemm_isa() is None
+    x = rng(2).standard_normal((3, 64)).astype(np.float32)
+    assert kf.quantize_input(x) is x and isinstance(kf.quantize_input(x[:1]), kf.Q80Input)
 
 
 @pytest.mark.parametrize("T", [1, 4])
-def test_threads_split_rows_without_changing_a_bit(T):
+@pytest.mark.parametrize("c_kernel", [False, True])
+def test_threads_split_rows_without_changing_a_bit(T, c_kernel, monkeypatch):
+    if c_kernel and kf.gemm_isa() is None:
+        pytest.skip("the C kernel dllm._gemm_q40_q80 is not built or no AVX2")
+    if not c_kernel:
+        monkeypatch.setenv("DLLM_GEMM", "numba")
     w = kf.pack_q40(q40_matrix(1000, 96))
     x = kf.quantize_input(rng(2).standard_normal((T, 96)).astype(np.float32))
     one = kf.matmul(x, w, threads=1)

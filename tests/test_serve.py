@@ -80,7 +80,7 @@ def test_rows_kernel_equals_decode_kernel():
     w = kf.pack_q40(quantize_q40(rng.standard_normal((200, 96)).astype(np.float32)))
     x = rng.standard_normal((5, 96)).astype(np.float32)
     x[2] = 0                                                  # an all-zero row
-    rows = kf.matmul_rows(kf.Q80Rows(x), w)
+    rows = kf.matmul_rows(kf.Q80Input(x), w)
     for t in range(len(x)):
         assert np.array_equal(rows[t], kf.matmul(kf.quantize_input(x[t:t + 1]), w)[0])
 

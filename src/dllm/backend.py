@@ -2,9 +2,11 @@
 
 - "numpy": dllm.kernels, numpy/numexpr. The reference, the fallback, and what runs where the
   optional extra is absent; x (T, n) float32 times the Q4_0 matrix dequantized in tiles.
-- "fast": dllm.kernels_fast, compiled by numba (``pip install 'dllm[fast]'``). Q4_0 x Q8_0 in
-  integer arithmetic as GGML does it for decoding, dequantized tiles times BLAS for prefill,
-  weights repacked at load time for SIMD, rows split over --threads.
+- "fast": dllm.kernels_fast, compiled by numba (``pip install 'dllm[fast]'``) and, for T > 1
+  rows, a C extension with AVX2 (dllm._gemm_q40_q80, built by setup.py). Q4_0 x Q8_0 in
+  integer arithmetic as GGML does it, for decoding and (where the C kernel runs) for prefill
+  and batched rows; dequantized tiles times BLAS for prefill elsewhere; weights repacked at
+  load time for SIMD, rows split over --threads.
 
 The choice: the ``kernels`` argument of dllm.load (``--kernels`` on every CLI), else the
 DLLM_KERNELS environment variable, else "fast" when numba can be imported, else "numpy".
@@ -46,6 +48,7 @@ class NumpyKernels:
     """The reference backend: weights stay as stored (weight_types.Matrix), inputs float32;
     every type multiplies by its table entry's numpy kernel."""
     name = "numpy"
+    gemm = "numpy"       # what multiplies T > 1 rows (the fast backend: "avx2" or "blas")
 
     def __init__(self, threads=1):
         self.threads = threads
@@ -76,14 +79,16 @@ class NumpyKernels:
 
 
 class FastKernels:
-    """numba kernels: Q4_0 weights repacked (kernels_fast.Q40Packed) and multiplied by Q8_0
-    inputs when decoding; Q8_0 weights multiplied by Q8_0 inputs as stored; every other type
-    (and Q8_0 prefill) by its numpy kernel; matrix rows split over `threads` threads."""
+    """Compiled kernels: Q4_0 weights repacked (kernels_fast.Q40Packed) and multiplied by
+    Q8_0 inputs (T > 1 rows too where kernels_fast.gemm_isa() names the C kernel); Q8_0
+    weights multiplied by Q8_0 inputs as stored when decoding; every other type (and Q8_0
+    prefill) by its numpy kernel; matrix rows split over `threads` threads."""
     name = "fast"
 
     def __init__(self, threads=1):
         from . import kernels_fast
         self.fast, self.threads = kernels_fast, threads
+        self.gemm = kernels_fast.gemm_isa() or "blas"     # what multiplies T > 1 rows
         kernels_fast.set_threads(threads)
         kernels_fast.warm_up(threads)
 
@@ -98,7 +103,8 @@ class FastKernels:
         return w.data if isinstance(w, Matrix) else w
 
     def quantize_input(self, x):
-        """x (T, n) float32 -> Q8_0 once for every matmul of it when T = 1 (decode)."""
+        """x (T, n) float32 -> Q8_0 once for every matmul of it (T > 1: where the C kernel
+        runs; elsewhere float32 for the dequantized tiles)."""
         return self.fast.quantize_input(x)
 
     def matmul(self, x, w):
@@ -106,11 +112,11 @@ class FastKernels:
 
     def quantize_rows(self, x):
         """x (K, n) -> every row as Q8_0 (as quantize_input does one row), for matmul_rows."""
-        return self.fast.Q80Rows(x)
+        return self.fast.Q80Input(x) if x.shape[1] % 32 == 0 else x
 
     def matmul_rows(self, x, w):
-        """Q80Rows times W: each row's arithmetic is the T = 1 decode kernel's, with the
-        weights read once for all K rows (kernels_fast.gemm_rows_q40_q80)."""
+        """Q80Input of K rows times W: each row's arithmetic is the T = 1 decode kernel's,
+        with the weights read once for all K rows (kernels_fast.matmul_rows)."""
         return self.fast.matmul_rows(x, w, self.threads)
 
 

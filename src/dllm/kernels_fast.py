@@ -26,15 +26,33 @@ element j+16), so with input codes qj, qj16 of the block
 summed over j: the raw byte times qj, plus the high nibble times a precomputed difference,
 starting from -8 sum(q). Every term is computed modulo 2^16 (int16 lanes wrap) and the true
 sum, at most 32 * 8 * 127 = 32512 in magnitude, fits int16, so the wrapped result is exact.
+
+T > 1 rows (prefill, and K sequences decoding together when serving) are quantized to Q8_0
+row by row as one row alone would be, and multiplied by the C extension dllm._gemm_q40_q80
+(AVX2's u8 x s8 pair multiply, vpmaddubsw, which numba's loops never emit; built by
+setup.py) with the same block sums and the same float32 operations in the same order as the
+decode kernel: row t of a T-row product equals row t decoded alone, bit for bit, so a prompt
+prefilled gives the very numbers it gives decoded token by token. Where the extension is
+absent or the CPU lacks AVX2, prefill dequantizes tiles and multiplies float32 inputs by BLAS
+(gemm_q40) and serving's rows run the numba kernel _gemm_rows_groups (exact, slower);
+`gemm_isa()` says which, and the run's conditions record it.
 """
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numba
 import numpy as np
 from numba import njit, prange
 
 from .quant import Q40_BLOCK_BYTES
 
+try:
+    from . import _gemm_q40_q80
+except ImportError:      # built without a C compiler (setup.py's optional extension)
+    _gemm_q40_q80 = None
+
 GROUP_ROWS = 128
-TAIL_ROWS = 8
+TAIL_ROWS = 32           # a multiple of the C kernel's 32-row chunk
 # Rows of f32 weights dequantized per BLAS call and thread when T > 1 (prefill): one tile's
 # float32 copy (PREFILL_TILE_ROWS x n x 4 bytes per thread, 2 MB at n = 4096) is scratch
 # reused for the call.
@@ -138,26 +156,41 @@ def _q80_lanes(codes, lo, diff, offset):
 
 
 class Q80Input:
-    """A (1, n) matmul input as Q8_0, in the operands the decode kernel reads; x kept too."""
+    """A (T, n) matmul input as Q8_0, each row exactly as quantize_row_q8_0 quantizes it
+    alone, in the operands the kernels read (nb = n / 32 blocks per row); x kept too:
+    codes (T, nb, 32) int8, scale (T, nb) float32 (the f16-rounded d), for the decode kernel
+    lo, diff (T, nb, 16) and offset (T, nb) int16 (module docstring), and for the C kernel
+    pairs (T, nb, 16) int16: the codes j and j + 16 of a block as the low and high byte."""
 
     def __init__(self, x):
         self.x = x
-        nb = x.shape[-1] // 32
-        codes, d32 = np.empty((nb, 32), np.int8), np.empty(nb, np.float32)
+        T, n = x.shape
+        nb = n // 32
+        codes, d32 = np.empty((T * nb, 32), np.int8), np.empty(T * nb, np.float32)
         _q80_codes(np.ascontiguousarray(x, np.float32).reshape(-1), codes, d32)
-        self.codes = codes
+        self.codes = codes.reshape(T, nb, 32)
         # GGML stores d as f16 and multiplies by that: round once, vectorized
-        self.scale = d32.astype(np.float16).astype(np.float32)
-        self.lo, self.diff = np.empty((nb, 16), np.int16), np.empty((nb, 16), np.int16)
-        self.offset = np.empty(nb, np.int16)
-        _q80_lanes(codes, self.lo, self.diff, self.offset)
+        self.scale = d32.astype(np.float16).astype(np.float32).reshape(T, nb)
+        lo, diff = np.empty((T * nb, 16), np.int16), np.empty((T * nb, 16), np.int16)
+        offset = np.empty(T * nb, np.int16)
+        _q80_lanes(codes, lo, diff, offset)
+        self.lo, self.diff = lo.reshape(T, nb, 16), diff.reshape(T, nb, 16)
+        self.offset = offset.reshape(T, nb)
+        self.pairs = np.stack([self.codes[..., :16], self.codes[..., 16:]], -1).view(
+            np.int16)[..., 0]
+
+    def __len__(self):
+        return len(self.x)
 
 
 def quantize_input(x):
-    """x (T, n) float32 -> what matmul takes: Q80Input when T = 1 (decode), x itself when
-    T > 1 (prefill multiplies f32 by dequantized tiles). Every matmul of one input vector
-    (wq, wk, wv; w1, w3) shares one quantization."""
-    return Q80Input(x) if x.shape[0] == 1 and x.shape[1] % 32 == 0 else x
+    """x (T, n) float32 -> what matmul takes: Q80Input, once for every matmul of one input
+    (wq, wk, wv; w1, w3); x itself when n is not whole Q8_0 blocks (no Q4_0 matmul reads it)
+    or when T > 1 rows will meet no integer kernel (gemm_isa() is None: prefill multiplies
+    float32 inputs by dequantized tiles)."""
+    if x.shape[1] % 32 or not len(x) or (len(x) > 1 and gemm_isa() is None):
+        return x
+    return Q80Input(x)
 
 
 # --- decode: Q4_0 x Q8_0 matrix-vector ----------------------------------------------------
@@ -198,11 +231,9 @@ def _gemv_parallel(codes, scales, lo, diff, offset, x_scale, out, chunks):
 
 def gemv_q40_q80(xq, w, threads=1):
     """Q80Input of x (1, n) times Q40Packed W (rows, n), transposed -> (1, rows) float32."""
-    if xq.lo.shape[0] * 32 != w.n:
-        raise ValueError(f"input width {xq.lo.shape[0] * 32} does not match a Q4_0 matrix "
-                         f"of {w.n} columns")
+    check_width(xq, w)
     out = np.empty(w.padded_rows, np.float32)
-    operands = (xq.lo, xq.diff, xq.offset, xq.scale)
+    operands = (xq.lo[0], xq.diff[0], xq.offset[0], xq.scale[0])
     groups = w.codes.shape[0]
     if threads > 1 and groups >= threads:
         _gemv_parallel(w.codes, w.scales, *operands, out[:w.main_rows], threads)
@@ -214,21 +245,51 @@ def gemv_q40_q80(xq, w, threads=1):
     return out[None, :w.rows]
 
 
-# --- batched decode: K one-row inputs, weights read once -----------------------------------
+def check_width(xq, w):
+    if xq.lo.shape[1] * 32 != w.n:
+        raise ValueError(f"input width {xq.lo.shape[1] * 32} does not match a Q4_0 matrix "
+                         f"of {w.n} columns")
 
-class Q80Rows:
-    """K independent (1, n) inputs (one decoding step of each of K sequences) as Q8_0, each
-    row exactly as Q80Input quantizes it alone; (K, nb, 16) lo/diff, (K, nb) offset/scale."""
 
-    def __init__(self, x):
-        self.rows = [quantize_input(x[t:t + 1]) for t in range(len(x))]
-        self.x = x
-        if x.shape[1] % 32:          # not a Q4_0 matmul's input: rows stay float32
-            return
-        self.lo = np.stack([r.lo for r in self.rows])
-        self.diff = np.stack([r.diff for r in self.rows])
-        self.offset = np.stack([r.offset for r in self.rows])
-        self.scale = np.stack([r.scale for r in self.rows])
+# --- T > 1 rows: Q4_0 x Q8_0 with the weights read once for all rows ---------------------
+
+def gemm_isa():
+    """The C kernel's instruction set on this machine ("avx2"), or None where T > 1 rows
+    fall back to numba (no extension built, or no AVX2: see the module docstring)."""
+    if _gemm_q40_q80 is None or os.environ.get("DLLM_GEMM") == "numba":
+        return None
+    return None if _gemm_q40_q80.isa() == "none" else _gemm_q40_q80.isa()
+
+
+_pools = {}
+
+
+def _pool(threads):
+    if threads not in _pools:
+        _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="dllm-gemm")
+    return _pools[threads]
+
+
+def gemm_q40_q80(xq, w, threads=1):
+    """Q80Input of x (T, n) times Q40Packed W (rows, n), transposed -> (T, rows) float32, by
+    the C kernel; row t equals gemv_q40_q80 of row t alone, bit for bit. The groups of rows
+    are split over `threads` threads (the kernel releases the GIL)."""
+    check_width(xq, w)
+    T, nb = len(xq), w.n // 32
+    out = np.empty((T, w.padded_rows), np.float32)
+    calls = []
+    for codes, scales, R, base in ((w.codes, w.scales, GROUP_ROWS, 0),
+                                   (w.tail_codes, w.tail_scales, TAIL_ROWS, w.main_rows)):
+        G = codes.shape[0]
+        parts = min(threads, G)
+        calls += [(codes, scales, R, nb, p * G // parts, (p + 1) * G // parts, xq.pairs,
+                   xq.offset, xq.scale, T, out, w.padded_rows, base) for p in range(parts)]
+    if threads > 1:
+        list(_pool(threads).map(lambda a: _gemm_q40_q80.gemm(*a), calls))
+    else:
+        for a in calls:
+            _gemm_q40_q80.gemm(*a)
+    return out[:, :w.rows]
 
 
 @njit(nogil=True, cache=True)
@@ -268,11 +329,9 @@ def _gemm_rows_parallel(codes, scales, lo, diff, offset, x_scale, out, chunks):
 
 
 def gemm_rows_q40_q80(xq, w, threads=1):
-    """Q80Rows of x (K, n) times Q40Packed W (rows, n), transposed -> (K, rows) float32;
-    row t equals gemv_q40_q80 of row t alone, bit for bit."""
-    if xq.lo.shape[1] * 32 != w.n:
-        raise ValueError(f"input width {xq.lo.shape[1] * 32} does not match a Q4_0 matrix "
-                         f"of {w.n} columns")
+    """Q80Input of x (K, n) times Q40Packed W (rows, n), transposed -> (K, rows) float32, by
+    numba (where gemm_isa() is None); row t equals gemv_q40_q80 of row t alone, bit for bit."""
+    check_width(xq, w)
     out = np.empty((len(xq.lo), w.padded_rows), np.float32)
     operands = (xq.lo, xq.diff, xq.offset, xq.scale)
     groups = w.codes.shape[0]
@@ -287,10 +346,15 @@ def gemm_rows_q40_q80(xq, w, threads=1):
 
 
 def matmul_rows(xq, w, threads=1):
-    """Q80Rows times W (Q40Packed or float32), each row as matmul multiplies it alone."""
+    """Q80Input of K rows (or float32 rows where n is not whole blocks) times W, each row
+    exactly as matmul multiplies it alone (T = 1)."""
     if isinstance(w, Q40Packed):
+        if gemm_isa():
+            return gemm_q40_q80(xq, w, threads)
         return gemm_rows_q40_q80(xq, w, threads)
-    return np.concatenate([matmul(r, w, threads) for r in xq.rows])
+    rows = xq.x if isinstance(xq, Q80Input) else xq
+    return np.concatenate([matmul(quantize_input(rows[t:t + 1]), w, threads)
+                           for t in range(len(rows))])
 
 
 # --- decode: Q8_0 x Q8_0 matrix-vector (GGML's ggml_vec_dot_q8_0_q8_0) ---------------------
@@ -325,15 +389,16 @@ def gemv_q80_q80(xq, w_q80, threads=1):
     (1, rows) float32: each block's int8 x int8 dot product is an exact int32, scaled by
     both f16 scales (the reference twin: kernels.matmul_q80_q80_ref)."""
     rows, row_bytes = w_q80.shape
-    if xq.codes.shape[0] * 34 != row_bytes:
-        raise ValueError(f"input width {xq.codes.shape[0] * 32} does not match a Q8_0 matrix "
+    x_codes, x_scale = xq.codes[0], xq.scale[0]
+    if x_codes.shape[0] * 34 != row_bytes:
+        raise ValueError(f"input width {x_codes.shape[0] * 32} does not match a Q8_0 matrix "
                          f"of {row_bytes // 34 * 32} columns")
     out = np.empty(rows, np.float32)
-    operands = (w_q80.view(np.int8), w_q80, xq.codes, xq.scale)
+    operands = (w_q80.view(np.int8), w_q80, x_codes, x_scale)
     if threads > 1 and rows >= threads:
         _gemv_q80_parallel(*operands, out, threads)
     else:
-        _gemv_q80_rows(operands[0], operands[1], 0, rows, xq.codes, xq.scale, out)
+        _gemv_q80_rows(operands[0], operands[1], 0, rows, x_codes, x_scale, out)
     return out[None]
 
 
@@ -399,12 +464,15 @@ def gemm_q40(x, w, threads=1):
 
 def matmul(x, w, threads=1):
     """quantize_input(x) or x (T, n), times W transposed -> (T, rows) float32. W: a
-    Q40Packed, or a weight_types.Matrix (Q8_0 decodes here; every other case runs its
-    type's numpy kernel: dequantized tiles times BLAS)."""
+    Q40Packed (the C kernel where it runs, else numba's decode kernel), or a weight_types.Matrix
+    (Q8_0 decodes here; every other case runs its type's numpy kernel: dequantized tiles
+    times BLAS)."""
     if isinstance(x, Q80Input):
         if isinstance(w, Q40Packed):
+            if gemm_isa():       # as fast as numba's gemv at T = 1 or faster (docs/benchmarks.md)
+                return gemm_q40_q80(x, w, threads)
             return gemv_q40_q80(x, w, threads)
-        if w.wtype.name == "q80":
+        if w.wtype.name == "q80" and len(x) == 1:
             return gemv_q80_q80(x, w.data, threads)
         x = x.x
     if isinstance(w, Q40Packed):
@@ -424,7 +492,7 @@ def warm_up(threads=1):
         if T == 1:
             gemv_q80_q80(x, w_q80, threads)
             gemv_q80_q80(x, w_q80[:1], 1)
-    matmul_rows(Q80Rows(np.ones((2, 32), np.float32)), w, threads)
+    matmul_rows(Q80Input(np.ones((2, 32), np.float32)), w, threads)
 
 
 def set_threads(n):

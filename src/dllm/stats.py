@@ -55,7 +55,7 @@ def conditions(comm, model, **extra):
     hosts = comm.gather(socket.gethostname())
     return {"world_size": comm.size, "hosts": sorted(set(hosts)) if hosts else None,
             "threads_per_rank": model.kernels.threads, "kernels": model.kernels.name,
-            "model": model.path,
+            "gemm": model.kernels.gemm, "model": model.path,
             "quant": model.quant,
             "sync": model.sync, "sync_scheme": model.scheme, "max_seq_len": model.max_seq_len,
             "prefill_chunk": model.prefill_chunk, "layout": layout(comm, model),
