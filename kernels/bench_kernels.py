@@ -5,11 +5,12 @@
 Measured in the same run, on one thread (as one rank runs):
 - memory bandwidth, STREAM-like (copy and triad over arrays far larger than the caches);
 - BLAS float32 gemv / gemm rates of the same shapes (the f32 baseline the targets name);
-- dllm's kernels, both backends (numpy, and fast: numba, when installed): Q40 matrix-vector
-  (decode; fast = Q4_0 x Q8_0 integer dots, the input's quantization included) at full shapes
-  and per-rank slices (1/2, 1/4, 1/8 of the rows), Q40 matrix-matrix (prefill) at T = 16..256
-  (fast = dequantized tiles times BLAS; beside it the integer alternative, T decode calls),
-  Q80 quantize, rmsnorm, attention.
+- dllm's kernels, both backends (numpy, and fast when installed: Q4_0 x Q8_0 integer dots,
+  the input's quantization included, by the C kernel where it runs, else numba): Q40
+  matrix-vector (decode) at full shapes and per-rank slices (1/2, 1/4, 1/8 of the rows),
+  beside it numba's decode kernel; Q40 matrix-matrix (prefill) at T = 16..256, beside it
+  the fast backend's other prefill, dequantized tiles times BLAS (what runs without the C
+  kernel) and at T = 16 numba's integer kernel for T rows; Q80 quantize, rmsnorm, attention.
 Reported: ms per call, ns per weight, GB/s of weight bytes streamed (Q40: 18 bytes per 32
 weights), the fraction of the memory-bandwidth roofline (the time the weight bytes alone
 would take at the measured triad bandwidth), and for Q40 the bytes per weight held: the
@@ -50,7 +51,6 @@ SHAPES = {"wq/wo 4096x4096": (4096, 4096), "w1/w3 11008x4096": (11008, 4096),
 GEMV_MAX_RATIO, MAX_BYTES_PER_WEIGHT, PREFILL_T, PREFILL_MIN_FRACTION = 4.0, 0.6, 128, 0.5
 # Issue 11: the fast backend's decode matvec at most 0.6x the f32 BLAS gemv time.
 FAST_GEMV_MAX_RATIO = 0.6
-INTEGER_PREFILL_T = (16,)       # T of the integer prefill alternative (T decode calls) timed
 
 
 def timed_in_turns(fns, repeats, min_seconds=0.2):
@@ -161,6 +161,9 @@ def main():
             if kernels_fast:
                 packed = kernels_fast.pack_q40(qr)
                 fns["fast"] = lambda: kernels_fast.matmul(kernels_fast.quantize_input(x), packed)
+                if kernels_fast.gemm_isa():
+                    fns["numba"] = lambda: kernels_fast.gemv_q40_q80(
+                        kernels_fast.quantize_input(x), packed)
             t = timed_in_turns(fns, repeats)
             q40, blas = t["q40"], t["blas"]
             q40_bytes = n_weights * 18 / 32
@@ -182,14 +185,17 @@ def main():
                            fast_roofline=q40_bytes / roof / fast,
                            fast_ratio_to_f32_blas=fast / blas,
                            fast_peak_bytes_per_weight=(packed.nbytes + peak_scratch(fns["fast"]))
-                           / n_weights)
+                           / n_weights, fast_gemm=kernels_fast.gemm_isa() or "numba")
+                if "numba" in t:
+                    row["numba_ms"] = t["numba"] * 1e3
             print(f"{name:34s} {row['ms']:9.3f} {row['ns_per_weight']:10.3f} {row['GBps']:7.2f} "
                   f"{row['roofline']:9.1%} {row['ratio_to_f32_blas']:10.2f}x "
                   f"{row['bytes_per_weight']:8.4f} {row['peak_bytes_per_weight']:8.4f}"
                   + (f"  {row['baseline_ms']:11.3f}" if baseline else "")
                   + (f"  | {row['fast_ms']:7.3f} {row['fast_ns_per_weight']:9.3f} "
                      f"{row['fast_roofline']:8.1%} {row['fast_ratio_to_f32_blas']:6.2f}x "
-                     f"{row['fast_peak_bytes_per_weight']:8.4f}" if kernels_fast else ""))
+                     f"{row['fast_peak_bytes_per_weight']:8.4f}" if kernels_fast else "")
+                  + (f"  numba {row['numba_ms']:7.3f}" if "numba_ms" in row else ""))
         for T in ((16, 64, 128, 256) if not args.quick else (16, 128)):
             X = rng.standard_normal((T, in_dim), dtype=np.float32)
             fns = {"blas": lambda: X @ w.T, "q40": lambda: kernels.matmul_q40(X, w_q40)}
@@ -197,10 +203,12 @@ def main():
                 fns["baseline"] = lambda: baseline(X, w_q40)
             if kernels_fast:
                 packed = kernels_fast.pack_q40(w_q40)
-                fns["fast"] = lambda: kernels_fast.matmul(X, packed)
-                if T in INTEGER_PREFILL_T:
-                    fns["integer"] = lambda: [kernels_fast.matmul(
-                        kernels_fast.quantize_input(X[t:t + 1]), packed) for t in range(T)]
+                fns["fast"] = lambda: kernels_fast.matmul(kernels_fast.quantize_input(X), packed)
+                if kernels_fast.gemm_isa():
+                    fns["tiles"] = lambda: kernels_fast.gemm_q40(X, packed)
+                    if T == 16:    # numba's integer kernel for T rows (serving without C)
+                        fns["numba"] = lambda: kernels_fast.gemm_rows_q40_q80(
+                            kernels_fast.quantize_input(X), packed)
             t = timed_in_turns(fns, repeats)
             q40, blas = t["q40"], t["blas"]
             flops = 2 * T * out_dim * in_dim
@@ -213,16 +221,20 @@ def main():
                 row["baseline_ms"] = t["baseline"] * 1e3
             if kernels_fast:
                 row.update(fast_ms=t["fast"] * 1e3, fast_GFLOPs=flops / t["fast"] / 1e9,
-                           fast_fraction_of_f32_blas_rate=blas / t["fast"])
-                if "integer" in t:
-                    row["integer_ms"] = t["integer"] * 1e3
+                           fast_fraction_of_f32_blas_rate=blas / t["fast"],
+                           fast_gemm=kernels_fast.gemm_isa() or "blas")
+                if "tiles" in t:
+                    row["tiles_ms"] = t["tiles"] * 1e3
+                if "numba" in t:
+                    row["numba_ms"] = t["numba"] * 1e3
             print(f"{'Q40 gemm ' + label + f' T={T}':34s} {row['ms']:9.3f} {'':>10} "
                   f"{row['GFLOPs']:6.1f}GF {'':>9} {row['fraction_of_f32_blas_rate']:10.1%} of BLAS"
                   f" ({row['f32_blas_GFLOPs']:.1f} GF)"
                   + (f"  {row['baseline_ms']:11.3f}" if baseline else "")
                   + (f"  | fast {row['fast_ms']:8.2f} ms {row['fast_fraction_of_f32_blas_rate']:6.1%}"
                      f" of BLAS" if kernels_fast else "")
-                  + (f", integer {row['integer_ms']:8.2f} ms" if "integer_ms" in row else ""))
+                  + (f", tiles+BLAS {row['tiles_ms']:8.2f} ms" if "tiles_ms" in row else "")
+                  + (f", numba {row['numba_ms']:8.2f} ms" if "numba_ms" in row else ""))
 
     for width in (4096, 11008):
         v = rng.standard_normal((1, width), dtype=np.float32)
