@@ -51,6 +51,18 @@ def test_input_quantization_is_bit_exact():
                                   np.stack([lo, hi], -1))
 
 
+def test_payload_quantizer_gives_the_bytes_of_quant_py():
+    """The Q80 sync payload's compiled quantizer against quant.quantize_q80: zero blocks,
+    halves, values beyond the f16 range of the scale (inf, as GGML) and subnormal scales."""
+    x = rng(4).standard_normal((3, 192)).astype(np.float32)
+    x[0, :32] = 0
+    x[0, 32:64] = np.arange(32) - 15.5
+    x[1, :32] *= 1e7
+    x[1, 32:64] *= 1e-6
+    x[2, 64:96] = -3.0
+    np.testing.assert_array_equal(kf.quantize_q80(x), quantize_q80(x))
+
+
 @pytest.mark.parametrize("rows,n", [(1, 32), (7, 96), (130, 160), (300, 288), (256, 4128)])
 @pytest.mark.parametrize("w_scale,x_scale", [(1.0, 1.0), (4e4, 1.0), (1e-6, 3e4), (1.0, 1e-6)])
 def test_gemv_matches_integer_reference(rows, n, w_scale, x_scale):

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import _threads
 from .errors import DllmError
+from .quant import quantize_q80
 from .weight_types import Matrix, weight_type
 
 KERNELS = ("numpy", "fast")
@@ -65,6 +66,10 @@ class NumpyKernels:
         """x (T, n) float32, as every matmul of this backend takes it."""
         return x
 
+    def quantize_q80(self, x):
+        """float32 (T, n) -> Q8_0 bytes (T, n/32*34): the Q80 sync payload (quant.py)."""
+        return quantize_q80(x)
+
     def matmul(self, x, w):
         """quantize_input(x) (T, n) times a prepared weight (rows, n), transposed."""
         return w.wtype.matmul(x, w.data)
@@ -109,6 +114,10 @@ class FastKernels:
 
     def matmul(self, x, w):
         return self.fast.matmul(x, w, self.threads)
+
+    def quantize_q80(self, x):
+        """quant.quantize_q80's bytes, compiled (kernels_fast.quantize_q80)."""
+        return self.fast.quantize_q80(x)
 
     def quantize_rows(self, x):
         """x (K, n) -> every row as Q8_0 (as quantize_input does one row), for matmul_rows."""

@@ -51,6 +51,8 @@ try:
 except ImportError:      # built without a C compiler (setup.py's optional extension)
     _gemm_q40_q80 = None
 
+_C_ISA = None if _gemm_q40_q80 is None or _gemm_q40_q80.isa() == "none" else _gemm_q40_q80.isa()
+
 GROUP_ROWS = 128
 TAIL_ROWS = 32           # a multiple of the C kernel's 32-row chunk
 # Rows of f32 weights dequantized per BLAS call and thread when T > 1 (prefill): one tile's
@@ -155,6 +157,20 @@ def _q80_lanes(codes, lo, diff, offset):
         offset[b] = np.int16(-8 * total)
 
 
+def quantize_q80(x):
+    """float32 (T, n) -> Q8_0 bytes (T, n/32*34), the bytes of quant.quantize_q80 (its
+    numpy twin; GGML's quantize_row_q8_0) with the codes computed by _q80_codes."""
+    T, n = x.shape
+    nb = n // 32
+    codes, d32 = np.empty((T * nb, 32), np.int8), np.empty(T * nb, np.float32)
+    _q80_codes(np.ascontiguousarray(x, np.float32).reshape(-1), codes, d32)
+    out = np.empty((T * nb, 34), np.uint8)
+    with np.errstate(over="ignore"):         # beyond the f16 range -> inf, as GGML
+        out[:, :2] = d32.astype("<f2").view(np.uint8).reshape(-1, 2)
+    out[:, 2:] = codes.view(np.uint8)
+    return out.reshape(T, nb * 34)
+
+
 class Q80Input:
     """A (T, n) matmul input as Q8_0, each row exactly as quantize_row_q8_0 quantizes it
     alone, in the operands the kernels read (nb = n / 32 blocks per row); x kept too:
@@ -256,9 +272,9 @@ def check_width(xq, w):
 def gemm_isa():
     """The C kernel's instruction set on this machine ("avx2"), or None where T > 1 rows
     fall back to numba (no extension built, or no AVX2: see the module docstring)."""
-    if _gemm_q40_q80 is None or os.environ.get("DLLM_GEMM") == "numba":
+    if _C_ISA is None or os.environ.get("DLLM_GEMM") == "numba":
         return None
-    return None if _gemm_q40_q80.isa() == "none" else _gemm_q40_q80.isa()
+    return _C_ISA
 
 
 _pools = {}

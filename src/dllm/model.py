@@ -78,12 +78,13 @@ class Model:
         self.layer_range = layer_range or (0, config.n_layers)
         self.layers = [{name: weights[f"layers/{i}/{name}"] for name in LAYER_MATRICES + NORMS}
                        for i in range(*self.layer_range)]
-        self.exchange_attention = SliceExchange(slice_sizes(shards, "attention"), sync)
-        self.exchange_dim = SliceExchange(slice_sizes(shards, "dim"), sync)
-        self.exchange_hidden = SliceExchange(slice_sizes(shards, "hidden"), sync)
+        q80 = self.kernels.quantize_q80       # the payload's quantizer (the same bytes)
+        self.exchange_attention = SliceExchange(slice_sizes(shards, "attention"), sync, q80)
+        self.exchange_dim = SliceExchange(slice_sizes(shards, "dim"), sync, q80)
+        self.exchange_hidden = SliceExchange(slice_sizes(shards, "hidden"), sync, q80)
         # Row-parallel schemes: every rank's full-width partial sum ("partials"), or one chunk
         # of dim per rank for the reduce-scatter ("reduce", the dim slices again).
-        self.exchange_partials = SliceExchange([config.dim] * len(shards), sync)
+        self.exchange_partials = SliceExchange([config.dim] * len(shards), sync, q80)
         self.vocab_widths = slice_sizes(shards, "vocab")
         # Query head h reads kv head h // q_per_kv; index it within this rank's cache.
         heads = np.arange(*shard.heads)

@@ -19,13 +19,16 @@ PAYLOADS = ("q80", "f32")
 
 
 class SliceExchange:
-    """Byte layout of one Allgatherv of per-rank slices of widths `widths` (values per row)."""
+    """Byte layout of one Allgatherv of per-rank slices of widths `widths` (values per row).
+    quantize: the Q8_0 quantizer of the payload, quant.quantize_q80 or a kernel backend's
+    compiled twin of it (the same bytes, tested)."""
 
-    def __init__(self, widths, payload):
+    def __init__(self, widths, payload, quantize=quantize_q80):
         if payload not in PAYLOADS:
             raise ValueError(f"unknown sync payload {payload!r}; use one of {PAYLOADS}")
         self.widths = [int(w) for w in widths]
-        self.payload = payload
+        self.payload, self.quantize = payload, quantize
+        self._counts = {}
         self.offsets = np.concatenate([[0], np.cumsum(self.widths)]).astype(int).tolist()
         self.total = self.offsets[-1]
         if payload == "q80":
@@ -34,10 +37,13 @@ class SliceExchange:
             self.row_bytes = [w * 4 for w in self.widths]
 
     def counts(self, T):
-        """Per-rank byte counts and displacements for a block of T rows."""
-        counts = [T * b for b in self.row_bytes]
-        displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
-        return counts, displs
+        """Per-rank byte counts and displacements for a block of T rows (computed once per
+        T: this runs four times per layer and token)."""
+        if T not in self._counts:
+            counts = [T * b for b in self.row_bytes]
+            displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+            self._counts[T] = counts, displs
+        return self._counts[T]
 
     def pack(self, local, rank):
         """(T, widths[rank]) float32 -> flat uint8 payload of this rank."""
@@ -48,7 +54,7 @@ class SliceExchange:
         padded_width = self.row_bytes[rank] // Q80_BLOCK_BYTES * BLOCK
         if padded_width != width:
             local = np.pad(local, ((0, 0), (0, padded_width - width)))
-        return quantize_q80(local).reshape(-1)
+        return self.quantize(local).reshape(-1)
 
     def unpack(self, received, T, out=None):
         """Flat uint8 buffer of every rank's payload -> (T, total) float32."""
@@ -62,6 +68,8 @@ class SliceExchange:
             dest = out[:, self.offsets[r]:self.offsets[r + 1]]
             if self.payload == "f32":
                 dest[...] = segment.view(np.float32)
+            elif width % BLOCK == 0:
+                dequantize_q80(segment, out=dest)
             else:
                 dest[...] = dequantize_q80(segment)[:, :width]
         return out
