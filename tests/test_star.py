@@ -157,3 +157,17 @@ def test_star_alone_needs_no_other_rank(model_dir):
     model = dllm.load(path, Comm.self_comm(), sync="q80", sync_scheme="star")
     spent = one_token(model)
     assert (spent.bytes_received, spent.bytes_sent) == (0, 0)
+
+
+def test_linkprobe_makes_the_collectives_of_the_forward(model_dir):
+    """dllm.linkprobe's star collectives (one layer's) move a decoded token's bytes."""
+    from dllm.linkprobe import decode_collectives
+    cfg = CONFIGS["gqa"]
+    spent = one_token(dllm.load(make_model(model_dir, "gqa", "q40"), sync_scheme="star"))
+    before = WORLD.stats.snapshot()
+    for label, _, call in decode_collectives(WORLD, cfg, "star", "q80"):
+        assert label.startswith("layer: ")
+        call()
+    probe = WORLD.stats.since(before)
+    assert all_ranks((cfg.n_layers * probe.bytes_received, cfg.n_layers * probe.bytes_sent)
+                     == (spent.bytes_received, spent.bytes_sent))

@@ -155,17 +155,22 @@ class Comm:
     # --- the star around root (scheme "star": Distributed Llama 0.1) -----------------
     def bcast_rows(self, x, exchange, T):
         """Root's (T, width) float32 x -> every rank, rounded to the payload (root too).
-        exchange: a SliceExchange of one slice, [width]; x is ignored off root. Counted as
-        root sending the payload to each other rank."""
-        payload = np.empty(T * exchange.row_bytes[0], dtype=np.uint8)
+        exchange: a SliceExchange of one slice, [width]; x is ignored off root. Root sends
+        each rank its own copy (a Scatterv of copies, not MPI's Bcast tree, whose inner
+        ranks would pass it on), so that every byte crosses root's link, as in the paper's
+        star; counted as root sending the payload to each other rank."""
+        n = T * exchange.row_bytes[0]
+        counts = [0] + [n] * (self.size - 1)
+        sendbuf = None
         if self.is_root:
-            payload[:] = exchange.pack(x, 0)
-        start = self._begin("Bcast")
-        self.mpi.Bcast(payload, root=0)
-        n = payload.nbytes
-        self._count(time.perf_counter() - start,
-                    n * (self.size - 1) if self.is_root else 0, 0 if self.is_root else n)
-        return exchange.unpack(payload, T)
+            payload = exchange.pack(x, 0)
+            sendbuf = [np.tile(payload, self.size - 1), counts, _displs(counts), MPI.BYTE]
+        received = np.empty(0 if self.is_root else n, dtype=np.uint8)
+        start = self._begin("Scatterv")
+        self.mpi.Scatterv(sendbuf, received, root=0)
+        self._count(time.perf_counter() - start, sum(counts) if self.is_root else 0,
+                    0 if self.is_root else n)
+        return exchange.unpack(payload if self.is_root else received, T)
 
     def gather_slices(self, local, exchange):
         """Every rank's (T, widths[rank]) float32 slice -> (T, total) on root, rounded to

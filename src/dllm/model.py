@@ -189,7 +189,7 @@ class Model:
         kernels, mm = step.kernels, step.kernels.matmul
         # attention block: root's normalized x out, every rank's q, k, v rows in
         xn = rmsnorm(x, w["attention_norm"], eps) if root else None
-        xb = kernels.quantize_input(group.bcast_rows(xn, self.exchange_root, T))  # Bcast
+        xb = kernels.quantize_input(group.bcast_rows(xn, self.exchange_root, T))  # root ->
         q = rope(mm(xb, w["wq"]).reshape(T, shard.n_heads, hd), cos, sin)
         k = rope(mm(xb, w["wk"]).reshape(T, shard.n_kv_heads, hd), cos, sin)
         q = group.gather_slices(q.reshape(T, -1), self.exchange_attention)   # Gatherv -> root
@@ -199,16 +199,16 @@ class Model:
         if root:    # the whole KV cache and every head's attention
             step.write(layer, k.reshape(T, c.n_kv_heads, hd), v.reshape(T, c.n_kv_heads, hd))
             att = step.attend(layer, q.reshape(T, c.n_heads, hd))           # (T, dim)
-        att = group.bcast_rows(att, self.exchange_root, T)                   # Bcast -> (T, dim)
+        att = group.bcast_rows(att, self.exchange_root, T)                   # root -> (T, dim)
         o = mm(kernels.quantize_input(att), w["wo"])                         # (T, local dim rows)
         o = group.gather_slices(o, self.exchange_dim)                        # Gatherv -> root
         x = x + o if root else x                                             # residual
 
         # feed-forward block: root's normalized x out, the hidden slices relayed by root
         xn = rmsnorm(x, w["ffn_norm"], eps) if root else None
-        xb = kernels.quantize_input(group.bcast_rows(xn, self.exchange_root, T))  # Bcast
+        xb = kernels.quantize_input(group.bcast_rows(xn, self.exchange_root, T))  # root ->
         h = swiglu(mm(xb, w["w1"]), mm(xb, w["w3"]))                         # (T, local hidden)
-        h = group.allgather_through_root(h, self.exchange_hidden)  # Gatherv, Scatterv -> (T, hidden)
+        h = group.allgather_through_root(h, self.exchange_hidden)  # -> root -> (T, hidden)
         f = mm(kernels.quantize_input(h), w["w2"])                           # (T, local dim rows)
         f = group.gather_slices(f, self.exchange_dim)                        # Gatherv -> root
         return x + f if root else x                                          # residual
