@@ -171,3 +171,27 @@ def test_linkprobe_makes_the_collectives_of_the_forward(model_dir):
     probe = WORLD.stats.since(before)
     assert all_ranks((cfg.n_layers * probe.bytes_received, cfg.n_layers * probe.bytes_sent)
                      == (spent.bytes_received, spent.bytes_sent))
+
+
+@pytest.mark.parametrize("preset", ["llama2-7b", "llama2-13b", "llama2-70b"])
+def test_plotted_formula_is_the_busiest_receivers_bytes(preset):
+    from dllm.benchplots import formula_received_max
+    from dllm.converters.synthetic import PRESETS
+    cfg = PRESETS[preset]
+    as_dict = {k: getattr(cfg, k) for k in ("dim", "hidden_dim", "n_layers", "vocab_size",
+                                            "n_heads", "n_kv_heads")}
+    for n in (1, 2, 4, 8):
+        want = max(star_rank_bytes("q80", cfg, n, r)[0] for r in range(n)) if n > 1 else 0
+        assert formula_received_max("star", "q80", as_dict, n) == want
+
+
+def test_root_link_is_figure_6_within_half_a_percent():
+    """Root's sent + received per token by the per-rank formula, against Figure 6 (kB read
+    as KiB): Llama 2 7B at 2 / 4 / 8 devices, 13B at 2."""
+    from dllm.converters.synthetic import PRESETS
+    from dllm.reproduction import PAPER_KB
+    for preset, n, kib in (("llama2-7b", 2, 1113.5), ("llama2-7b", 4, 2830.5),
+                           ("llama2-7b", 8, 6009.5), ("llama2-13b", 2, 1742.5)):
+        root = sum(star_rank_bytes("q80", PRESETS[preset], n, 0)) / 1024
+        assert root == kib
+        assert abs(root / PAPER_KB[preset][n] - 1) < 0.005
