@@ -195,3 +195,21 @@ def test_root_link_is_figure_6_within_half_a_percent():
         root = sum(star_rank_bytes("q80", PRESETS[preset], n, 0)) / 1024
         assert root == kib
         assert abs(root / PAPER_KB[preset][n] - 1) < 0.005
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 8])
+def test_star_plan_covers_every_row_once(size):
+    """wq, wo, w1, w3, w2 split as in slices; wk, wv by kv heads, each on one rank; root
+    attends over every head, caches every kv head, holds every classifier row."""
+    cfg = CONFIGS["gqa"]
+    star, slices = plan(cfg, size, "star"), plan(cfg, size)
+    kv = [k for s in star for k in range(*s.kv_heads)]
+    assert kv == list(range(cfg.n_kv_heads))
+    for a, b in zip(star, slices):
+        assert (a.heads, a.dim_rows, a.hidden_rows) == (b.heads, b.dim_rows, b.hidden_rows)
+        assert not a.row_parallel and a.rows("wo") == b.rows("wo")
+    assert star[0].vocab_rows == (0, cfg.vocab_size)
+    assert star[0].attention_heads == (0, cfg.n_heads)
+    assert star[0].n_cache_kv_heads == cfg.n_kv_heads
+    assert all(s.n_cache_kv_heads == 0 and s.vocab_rows[0] == s.vocab_rows[1]
+               for s in star[1:])

@@ -30,7 +30,8 @@ PARALLEL = ("tensor", "pipeline")
 
 def check_scheme(shards, types, n_layers):
     """Row-parallel schemes cut wo and w2 by columns: a block type (Q4_0, Q8_0) needs each
-    rank's columns in whole blocks."""
+    rank's columns in whole blocks. "slices" and "star" cut only rows: any split works
+    (in star a rank may hold no kv head: its wk and wv slices are empty)."""
     if not shards[0].row_parallel:
         return
     blocked = {TYPES[types[f"layers/{i}/{n}"]] for i in range(n_layers)
@@ -182,8 +183,9 @@ def load(path, comm=None, sync="q80", max_seq_len=None, weights_from="file",
     "q80" or "f32". max_seq_len: context to allocate (default: the model's). weights_from:
     "file" (each rank reads its own slices) or "root". tokenizer: path of a SentencePiece
     model overriding the embedded one. sync_scheme: "slices" (Allgather of output slices),
-    "partials" (Allgather of row-parallel partial sums) or "reduce" (reduce-scatter by
-    Alltoall, then Allgather). parallel: "tensor" (every rank a slice of every matrix, a
+    "partials" (Allgather of row-parallel partial sums), "reduce" (reduce-scatter by
+    Alltoall, then Allgather) or "star" (every exchange through root, which alone attends,
+    holds the KV cache and the classifier: the paper's Distributed Llama 0.1). parallel: "tensor" (every rank a slice of every matrix, a
     dllm.model.Model) or "pipeline" (every rank whole layers, a dllm.pipeline.PipelineModel).
     profile: a device profile (path, dict or dllm.profile.Profile; docs/parallelism.md): layers
     by speed within memory for "pipeline", uneven slices by speed for "tensor".
