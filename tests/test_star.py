@@ -14,6 +14,7 @@ from dllm.shard import plan
 
 from conftest import CONFIGS, WORLD, all_ranks, make_model, random_weights
 from reference import reference_logits, relative_error
+from test_schemes import block_widths, payload_bytes
 
 pytestmark = pytest.mark.mpi
 TOKENS = [1, 5, 9, 2, 33, 17, 40, 3]
@@ -65,17 +66,6 @@ def test_only_root_holds_the_cache_and_the_classifier(model_dir):
     assert all_ranks(ok)
 
 
-def payload(width, sync):
-    return -(-width // 32) * 34 if sync == "q80" else 4 * width
-
-
-def block_widths(total, n):
-    """Values per rank when `total` splits in whole 32-value blocks, extra blocks first."""
-    blocks = -(-total // 32)
-    ends = [min(32 * (r * (blocks // n) + min(r, blocks % n)), total) for r in range(n + 1)]
-    return [b - a for a, b in zip(ends, ends[1:])]
-
-
 def heads_widths(heads, head_dim, n):
     return [head_dim * (heads // n + (r < heads % n)) for r in range(n)]
 
@@ -86,7 +76,7 @@ def star_rank_bytes(sync, cfg, n, r):
     and sends each rank the hidden slices of the others. No embedding Bcast, no logits Gather
     (root holds the residual stream and the classifier). Written from the scheme's definition,
     independently of dllm.sync."""
-    B = lambda w: payload(w, sync)                        # noqa: E731
+    B = lambda w: payload_bytes(w, sync)                  # noqa: E731
     q = heads_widths(cfg.n_heads, cfg.head_dim, n)
     kv = heads_widths(cfg.n_kv_heads, cfg.head_dim, n)
     dim, hidden = block_widths(cfg.dim, n), block_widths(cfg.hidden_dim, n)
