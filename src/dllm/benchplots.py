@@ -274,7 +274,7 @@ def plot_bytes(plt, rs, title):
         for n in ns:
             _mark_oversubscribed(ax, n, runs[n]["over_ranks"]["bytes_received"]["max"] / 1e3,
                                  runs[n], f"C{i}")
-    ax.set(xlabel="ranks (hollow: oversubscribed)", ylabel="kB received per token, busiest rank (root)")
+    ax.set(xlabel="ranks (hollow: oversubscribed)", ylabel="kB received per token, busiest rank")
     return _finish(fig, ax, title)
 
 
