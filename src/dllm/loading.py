@@ -185,8 +185,9 @@ def load(path, comm=None, sync="q80", max_seq_len=None, weights_from="file",
     model overriding the embedded one. sync_scheme: "slices" (Allgather of output slices),
     "partials" (Allgather of row-parallel partial sums), "reduce" (reduce-scatter by
     Alltoall, then Allgather) or "star" (every exchange through root, which alone attends,
-    holds the KV cache and the classifier: the paper's Distributed Llama 0.1). parallel: "tensor" (every rank a slice of every matrix, a
-    dllm.model.Model) or "pipeline" (every rank whole layers, a dllm.pipeline.PipelineModel).
+    holds the KV cache and the classifier: the paper's Distributed Llama 0.1).
+    parallel: "tensor" (every rank a slice of every matrix, a dllm.model.Model) or
+    "pipeline" (every rank whole layers, a dllm.pipeline.PipelineModel).
     profile: a device profile (path, dict or dllm.profile.Profile; docs/parallelism.md): layers
     by speed within memory for "pipeline", uneven slices by speed for "tensor".
     kernels: "numpy" or "fast" (default: DLLM_KERNELS, else "fast" when numba is installed;

@@ -48,7 +48,7 @@ class RunState:
     """Buffers allocated once per model: this rank's KV cache (its own kv heads only)."""
     k_cache: np.ndarray  # (layers held, local kv heads, max_seq_len, head_dim) float32
     v_cache: np.ndarray
-    residual: np.ndarray = None  # (T, dim) residual stream after the last forward
+    residual: np.ndarray = None  # (T, dim) residual stream after the last forward (star: root's)
 
 
 class Model:

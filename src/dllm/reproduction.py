@@ -5,9 +5,9 @@
 Reads dllm.bench JSON lines (jobs/paper-figures.sh writes them), recognizes each model's shape
 (a dllm.convert synthetic preset, from its dimensions; the depth may be reduced), and groups the
 runs by shape, sync scheme, ranks, sync payload and link. Per group the figures per decoded
-token (total, inference and sync ms; bytes received by the busiest rank; root's bytes sent and
-received, Figure 6's count for the star scheme, in KiB: the paper's kB read as KiB) are scaled to the
-preset's full depth: with runs at two or more depths, by the straight line through them
+token (total, inference and sync ms; bytes received by the busiest rank; root's bytes sent
+and received, Figure 6's count for the star scheme, in KiB: the paper's kB read as KiB) are
+scaled to the preset's full depth: with runs at two or more depths, by the straight line through them
 (value = fixed + per-layer x layers: the classifier, embedding and logits gather are the fixed
 part), with one depth in proportion to the layers (which overstates the fixed part's share).
 Beside each full-depth figure stands the paper's (Tadych 2024, Figures 3-5: 8 x Raspberry Pi 4B
