@@ -203,3 +203,12 @@ def test_star_plan_covers_every_row_once(size):
     assert star[0].n_cache_kv_heads == cfg.n_kv_heads
     assert all(s.n_cache_kv_heads == 0 and s.vocab_rows[0] == s.vocab_rows[1]
                for s in star[1:])
+
+
+def test_star_with_uneven_slices_by_speed(model_dir):
+    """A device profile (uneven slices, kv heads in proportion too) changes no logit."""
+    path = make_model(model_dir, "gqa", "q40")
+    p = {"devices": [{"memory": "1GB", "speed": s} for s in [1, 3, 2, 1][:WORLD.size]]}
+    star = dllm.load(path, sync="f32", sync_scheme="star", profile=p).logits(TOKENS)
+    alone = dllm.load(path, Comm.self_comm(), sync="f32").logits(TOKENS)
+    assert all_ranks(not WORLD.is_root or relative_error(star, alone) <= 1e-5)

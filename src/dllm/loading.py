@@ -227,7 +227,7 @@ def load(path, comm=None, sync="q80", max_seq_len=None, weights_from="file",
                              max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
                              tokenizer=tok, path=str(path), profile=stages.profile,
                              kernels=kernels)
-    shares = tensor_shares(config, types, profile, context) if profile else None
+    shares = tensor_shares(config, types, profile, context, sync_scheme) if profile else None
     shards = plan(config, comm.size, sync_scheme, shares)  # raises on every rank if it cannot
     check_scheme(shards, types, config.n_layers)
     if profile:
