@@ -4,7 +4,7 @@
 # (python -m dllm.link), one JSON line per run; then the full-depth table beside the paper's
 # numbers (python -m dllm.reproduction) and the plots (dllm.bench table --plot-dir).
 #   jobs/paper-figures.sh OUT.jsonl MODEL.h5 [MODEL.h5 ...]
-# Environment: LINK (default 1gbit), RANKS ("1 2 4 8"), SCHEMES ("slices partials reduce"; a
+# Environment: LINK (default 1gbit), RANKS ("1 2 4 8"), SCHEMES ("slices partials reduce star"; a
 # new scheme is one more word), PROMPT_LEN (8), DECODE_TOKENS (8), WARMUP (2), REPEAT (1),
 # PYTHON (default python). Give each shape at two depths (e.g. 4 and 8 layers) so that the
 # per-layer figures can be scaled to the full depth. Needs root (network namespaces).
@@ -13,7 +13,7 @@ OUT=$1; shift
 PY=${PYTHON:-python}
 for model in "$@"; do
   for n in ${RANKS:-1 2 4 8}; do
-    for scheme in ${SCHEMES:-slices partials reduce}; do
+    for scheme in ${SCHEMES:-slices partials reduce star}; do
       "$PY" -m dllm.link "${LINK:-1gbit}" -n "$n" -- "$PY" -m dllm.bench --model "$model" \
         --sync-scheme "$scheme" --prompt-len "${PROMPT_LEN:-8}" \
         --decode-tokens "${DECODE_TOKENS:-8}" --warmup "${WARMUP:-2}" \

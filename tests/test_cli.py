@@ -190,3 +190,14 @@ def test_dllm_command_verbs_version_and_usage_exit_2(tmp_path):
 def dllm_version():
     import dllm
     return dllm.__version__
+
+
+def test_star_scheme_same_greedy_text_as_slices():
+    """--sync-scheme star (root attends, holds the KV cache and the classifier) generates
+    the text of slices, f32 sync, on 2 ranks."""
+    args = ("--prompt", "Lily and Ben", "--steps", 24, "--temperature", 0, "--sync", "f32",
+            "--quiet")
+    slices = run_generate(2, *args, "--sync-scheme", "slices")
+    star = run_generate(2, *args, "--sync-scheme", "star")
+    assert slices.returncode == star.returncode == 0, star.stderr
+    assert star.stdout == slices.stdout and len(star.stdout) > len("Lily and Ben")

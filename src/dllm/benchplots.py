@@ -36,13 +36,18 @@ def payload_bytes(values, sync):
 
 
 def formula_received_max(scheme, sync, config, n):
-    """Bytes root (the busiest receiver) receives per decoded token with even splits
-    (docs/sync.md): the layer terms of the scheme plus the f32 logits of the other ranks.
+    """Bytes the busiest receiver receives per decoded token with even splits (docs/sync.md):
+    root, the layer terms of the scheme plus the f32 logits of the other ranks; in star (no
+    logits, no embedding sent) root or a worker, whichever receives more.
     A new scheme adds its line here. None for a scheme without a formula."""
     if n == 1:
         return 0
     B = lambda values: payload_bytes(values, sync)          # noqa: E731
     dim, hidden = config["dim"], config["hidden_dim"]
+    if scheme == "star":    # root's q, k, v, wo, hidden, w2 slices, or a worker's 3 dim + hidden
+        kv = config["n_kv_heads"] * dim // config["n_heads"]
+        root = (n - 1) * (3 * B(dim // n) + 2 * B(kv // n) + B(hidden // n))
+        return config["n_layers"] * max(root, 3 * B(dim) + (n - 1) * B(hidden // n))
     layer = {"slices": (n - 1) * (3 * B(dim // n) + B(hidden // n)),
              "partials": 2 * (n - 1) * B(dim),
              "reduce": 4 * (n - 1) * B(dim // n)}.get(scheme)
@@ -269,7 +274,7 @@ def plot_bytes(plt, rs, title):
         for n in ns:
             _mark_oversubscribed(ax, n, runs[n]["over_ranks"]["bytes_received"]["max"] / 1e3,
                                  runs[n], f"C{i}")
-    ax.set(xlabel="ranks (hollow: oversubscribed)", ylabel="kB received per token, busiest rank (root)")
+    ax.set(xlabel="ranks (hollow: oversubscribed)", ylabel="kB received per token, busiest rank")
     return _finish(fig, ax, title)
 
 

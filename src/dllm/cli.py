@@ -16,6 +16,7 @@ from .backend import KERNELS
 from .checks import check_values, finite_float
 from .errors import DllmError, LoneError, UsageError, exit_status
 from .output import FLUSH_SECONDS, end_output
+from .shard import SCHEMES
 
 MPI_HELP = ("install an MPI library: pip install 'dllm[mpich]' (PyPI MPICH), or your system's "
             "MPI (apt install mpich libmpich-dev, then pip install --no-binary mpi4py mpi4py)")
@@ -59,9 +60,11 @@ def add_engine_options(p):
                    help="dllm HDF5 model file (default: the embedded tinystories-1m demo)")
     p.add_argument("--sync", default="q80", choices=("q80", "f32"),
                    help="activation payload between ranks (default q80)")
-    p.add_argument("--sync-scheme", default="slices", choices=("slices", "partials", "reduce"),
+    p.add_argument("--sync-scheme", default="slices", choices=SCHEMES,
                    help="how ranks combine matmul outputs: Allgather output slices (default), "
-                        "Allgather row-parallel partial sums, or reduce-scatter + Allgather")
+                        "Allgather row-parallel partial sums, reduce-scatter + Allgather, or "
+                        "'star': every exchange through root, which alone attends and holds "
+                        "the KV cache and classifier (the paper's Distributed Llama 0.1)")
     p.add_argument("--parallel", default="tensor", choices=("tensor", "pipeline"),
                    help="'tensor': every rank a slice of every matrix (default); 'pipeline': "
                         "every rank whole layers, activations passed rank to rank")

@@ -152,6 +152,74 @@ class Comm:
         one = type(exchange)([width] * self.size, exchange.payload)
         return one.unpack(received, T).reshape(T, self.size, width).transpose(1, 0, 2)
 
+    # --- the star around root (scheme "star": Distributed Llama 0.1) -----------------
+    def bcast_rows(self, x, exchange, T):
+        """Root's (T, width) float32 x -> every rank, rounded to the payload (root too).
+        exchange: a SliceExchange of one slice, [width]; x is ignored off root. Root sends
+        each rank its own copy (a Scatterv of copies, not MPI's Bcast tree, whose inner
+        ranks would pass it on), so that every byte crosses root's link, as in the paper's
+        star; counted as root sending the payload to each other rank."""
+        n = T * exchange.row_bytes[0]
+        counts = [0] + [n] * (self.size - 1)
+        sendbuf = None
+        if self.is_root:
+            payload = exchange.pack(x, 0)
+            sendbuf = [np.tile(payload, self.size - 1), counts, _displs(counts), MPI.BYTE]
+        received = np.empty(0 if self.is_root else n, dtype=np.uint8)
+        start = self._begin("Scatterv")
+        self.mpi.Scatterv(sendbuf, received, root=0)
+        self._count(time.perf_counter() - start, sum(counts) if self.is_root else 0,
+                    0 if self.is_root else n)
+        return exchange.unpack(payload if self.is_root else received, T)
+
+    def gather_slices(self, local, exchange):
+        """Every rank's (T, widths[rank]) float32 slice -> (T, total) on root, rounded to
+        the payload (root's own slice too); None elsewhere."""
+        received, _ = self._gather_payloads(local, exchange)
+        return exchange.unpack(received, local.shape[0]) if self.is_root else None
+
+    def allgather_through_root(self, local, exchange):
+        """An Allgather of (T, widths[rank]) slices relayed by root: Gatherv of every slice
+        to root, then Scatterv to each other rank of the slices of every rank but its own.
+        Every rank gets (T, total), decoded from the same bytes."""
+        received, mine = self._gather_payloads(local, exchange)
+        T = local.shape[0]
+        counts, displs = exchange.counts(T)
+        total = sum(counts)
+        others = [total - counts[r] for r in range(self.size)]      # bytes rank r lacks
+        others[0] = 0
+        if self.is_root:    # for rank r: the payload buffer without rank r's segment
+            sendbuf = np.concatenate(
+                [np.delete(received, np.s_[displs[r]:displs[r] + counts[r]])
+                 for r in range(1, self.size)] or [np.empty(0, np.uint8)])
+        else:
+            sendbuf = None
+        lacking = np.empty(others[self.rank], dtype=np.uint8)
+        start = self._begin("Scatterv")
+        self.mpi.Scatterv([sendbuf, others, _displs(others), MPI.BYTE] if self.is_root
+                          else None, lacking, root=0)
+        self._count(time.perf_counter() - start, sum(others) if self.is_root else 0,
+                    others[self.rank])
+        if not self.is_root:
+            a = displs[self.rank]
+            received = np.concatenate([lacking[:a], mine, lacking[a:]])
+        return exchange.unpack(received, T)
+
+    def _gather_payloads(self, local, exchange):
+        """Gatherv of every rank's payload of (T, width) `local`: root gets the payloads in
+        rank order (its own included), the others an empty buffer. Returns (that buffer,
+        this rank's payload)."""
+        T = local.shape[0]
+        sendbuf = exchange.pack(local, self.rank)
+        counts, displs = exchange.counts(T)
+        received = np.empty(sum(counts) if self.is_root else 0, dtype=np.uint8)
+        start = self._begin("Gatherv")
+        self.mpi.Gatherv(sendbuf, [received, counts, displs, MPI.BYTE] if self.is_root
+                         else None, root=0)
+        self._count(time.perf_counter() - start, 0 if self.is_root else counts[self.rank],
+                    sum(counts) - counts[0] if self.is_root else 0)
+        return received, sendbuf
+
     def bcast_array(self, array):
         """Root's array -> every rank (same shape and dtype preallocated on all ranks)."""
         start = self._begin("Bcast")

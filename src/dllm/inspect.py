@@ -136,7 +136,7 @@ def memory_table(mf, ranks, scheme, max_seq_len):
                    f"{'rank':>4s} {'weights':>10s} {'kv cache':>10s} {'total':>10s}")
         for shard in shards:
             weights = rank_weight_bytes(mf, shard, shard.rank == 0)
-            kv = c.n_layers * kv_bytes(c, max_seq_len, shard.n_kv_heads)
+            kv = c.n_layers * kv_bytes(c, max_seq_len, shard.n_cache_kv_heads)
             out.append(f"  {'':9s}{shard.rank:>4d} {_size(weights):>10s} {_size(kv):>10s} "
                        f"{_size(weights + kv):>10s}")
     return out

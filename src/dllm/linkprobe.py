@@ -39,10 +39,13 @@ PROG = "dllm.linkprobe"
 
 def rounds(kind, n):
     """Message steps of MPICH's default algorithm for these (small, < 64 kB) messages:
-    Allgatherv by recursive doubling and Bcast by a binomial tree (log2 n steps); Gatherv's
-    and Alltoallv's messages all travel at once (one step)."""
+    Allgatherv by recursive doubling and Bcast by a binomial tree (log2 n steps); Gatherv's,
+    Scatterv's and Alltoallv's messages all travel at once (one step; star's relay of the
+    hidden slices is a Gatherv and a Scatterv, two)."""
     if n == 1:
         return 0
+    if kind == "Gatherv+Scatterv":
+        return 2
     return math.ceil(math.log2(n)) if kind in ("Allgatherv", "Bcast") else 1
 
 
@@ -55,14 +58,23 @@ def decode_collectives(comm, config, scheme, sync):
     dim = SliceExchange(slice_sizes(shards, "dim"), sync)
     hidden = SliceExchange(slice_sizes(shards, "hidden"), sync)
     partials = SliceExchange([config.dim] * comm.size, sync)
-    mine = {"attention": attention, "dim": dim, "hidden": hidden, "partials": partials}
+    kv, root = SliceExchange(slice_sizes(shards, "kv"), sync), SliceExchange([config.dim], sync)
+    mine = {"attention": attention, "dim": dim, "hidden": hidden, "partials": partials,
+            "kv": kv}
 
     def gather(name):
         exchange = mine[name]
         local = np.zeros((1, exchange.widths[comm.rank]), np.float32)
         return lambda: comm.allgather_slices(local, exchange)
 
+    def to_root(name):
+        exchange = mine[name]
+        local = np.zeros((1, exchange.widths[comm.rank]), np.float32)
+        return lambda: comm.gather_slices(local, exchange)
+
     full = np.zeros((1, config.dim), np.float32)
+    h = np.zeros((1, hidden.widths[comm.rank]), np.float32)
+    from_root = ("Scatterv", lambda: comm.bcast_rows(full, root, 1))
     layer = {
         "slices": [("attention output", "Allgatherv", gather("attention")),
                    ("wo output", "Allgatherv", gather("dim")),
@@ -74,14 +86,26 @@ def decode_collectives(comm, config, scheme, sync):
                    ("wo summed chunks", "Allgatherv", gather("dim")),
                    ("w2 chunks", "Alltoallv", lambda: comm.alltoall_chunks(full, dim)),
                    ("w2 summed chunks", "Allgatherv", gather("dim"))],
+        "star": [("norm. x from root", *from_root),
+                 ("q to root", "Gatherv", to_root("attention")),
+                 ("k to root", "Gatherv", to_root("kv")),
+                 ("v to root", "Gatherv", to_root("kv")),
+                 ("attention from root", *from_root),
+                 ("wo output to root", "Gatherv", to_root("dim")),
+                 ("norm. x from root", *from_root),
+                 ("hidden through root", "Gatherv+Scatterv",
+                  lambda: comm.allgather_through_root(h, hidden)),
+                 ("w2 output to root", "Gatherv", to_root("dim"))],
     }
     if scheme not in layer:
         raise DllmError(f"{PROG} has no collectives for scheme {scheme!r} yet")
     x = np.zeros((1, config.dim), np.float32)
     vocab = slice_sizes(shards, "vocab")
     logits = np.zeros((1, vocab[comm.rank]), np.float32)
-    return ([("embedded x", "Bcast", lambda: comm.bcast_array(x))]
-            + [(f"layer: {label}", kind, call) for label, kind, call in layer[scheme]]
+    layers = [(f"layer: {label}", kind, call) for label, kind, call in layer[scheme]]
+    if scheme == "star":    # root holds the residual stream and the classifier
+        return layers
+    return ([("embedded x", "Bcast", lambda: comm.bcast_array(x))] + layers
             + [("logits", "Gatherv", lambda: comm.gather_rows(logits, vocab))])
 
 
@@ -102,10 +126,13 @@ def empty_collectives(comm):
     the latency term alpha of that collective on this communicator."""
     one = SliceExchange([1] * comm.size, "f32")
     value = np.zeros((1, 1), np.float32)
+    single = SliceExchange([1], "f32")
     return {"Allgatherv": lambda: comm.allgather_slices(value, one),
             "Alltoallv": lambda: comm.alltoall_chunks(np.zeros((1, comm.size), np.float32), one),
             "Bcast": lambda: comm.bcast_array(np.zeros(1, np.float32)),
-            "Gatherv": lambda: comm.gather_rows(value, [1] * comm.size)}
+            "Gatherv": lambda: comm.gather_rows(value, [1] * comm.size),
+            "Scatterv": lambda: comm.bcast_rows(value, single, 1),
+            "Gatherv+Scatterv": lambda: comm.allgather_through_root(value, one)}
 
 
 def interface_bytes(link):

@@ -30,7 +30,8 @@ PARALLEL = ("tensor", "pipeline")
 
 def check_scheme(shards, types, n_layers):
     """Row-parallel schemes cut wo and w2 by columns: a block type (Q4_0, Q8_0) needs each
-    rank's columns in whole blocks."""
+    rank's columns in whole blocks. "slices" and "star" cut only rows: any split works
+    (in star a rank may hold no kv head: its wk and wv slices are empty)."""
     if not shards[0].row_parallel:
         return
     blocked = {TYPES[types[f"layers/{i}/{n}"]] for i in range(n_layers)
@@ -182,9 +183,11 @@ def load(path, comm=None, sync="q80", max_seq_len=None, weights_from="file",
     "q80" or "f32". max_seq_len: context to allocate (default: the model's). weights_from:
     "file" (each rank reads its own slices) or "root". tokenizer: path of a SentencePiece
     model overriding the embedded one. sync_scheme: "slices" (Allgather of output slices),
-    "partials" (Allgather of row-parallel partial sums) or "reduce" (reduce-scatter by
-    Alltoall, then Allgather). parallel: "tensor" (every rank a slice of every matrix, a
-    dllm.model.Model) or "pipeline" (every rank whole layers, a dllm.pipeline.PipelineModel).
+    "partials" (Allgather of row-parallel partial sums), "reduce" (reduce-scatter by
+    Alltoall, then Allgather) or "star" (every exchange through root, which alone attends,
+    holds the KV cache and the classifier: the paper's Distributed Llama 0.1).
+    parallel: "tensor" (every rank a slice of every matrix, a dllm.model.Model) or
+    "pipeline" (every rank whole layers, a dllm.pipeline.PipelineModel).
     profile: a device profile (path, dict or dllm.profile.Profile; docs/parallelism.md): layers
     by speed within memory for "pipeline", uneven slices by speed for "tensor".
     kernels: "numpy" or "fast" (default: DLLM_KERNELS, else "fast" when numba is installed;
@@ -224,7 +227,7 @@ def load(path, comm=None, sync="q80", max_seq_len=None, weights_from="file",
                              max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
                              tokenizer=tok, path=str(path), profile=stages.profile,
                              kernels=kernels)
-    shares = tensor_shares(config, types, profile, context) if profile else None
+    shares = tensor_shares(config, types, profile, context, sync_scheme) if profile else None
     shards = plan(config, comm.size, sync_scheme, shares)  # raises on every rank if it cannot
     check_scheme(shards, types, config.n_layers)
     if profile:

@@ -16,6 +16,9 @@ token and layer (n ranks; Q80 carries 32 values in 34 bytes; f32 in 128):
 | final norm; classifier slice                    | every rank     | Gather logits to root (vocab f32)   |
 | logits -> next id                               | root (sampler) | Bcast id                            |
 
+Scheme "star" (Distributed Llama 0.1, what the paper measured) is a star around root instead:
+root alone holds the residual stream, the KV cache and the classifier (Model.star_layer).
+
 Per layer each rank receives (n-1)/n of (dim + dim + hidden_dim + dim) values. Norms and
 residual adds are replicated: every rank decodes the same gathered bytes, so the residual
 stream is bit-identical on all ranks.
@@ -45,7 +48,7 @@ class RunState:
     """Buffers allocated once per model: this rank's KV cache (its own kv heads only)."""
     k_cache: np.ndarray  # (layers held, local kv heads, max_seq_len, head_dim) float32
     v_cache: np.ndarray
-    residual: np.ndarray = None  # (T, dim) residual stream after the last forward
+    residual: np.ndarray = None  # (T, dim) residual stream after the last forward (star: root's)
 
 
 class Model:
@@ -85,10 +88,13 @@ class Model:
         # Row-parallel schemes: every rank's full-width partial sum ("partials"), or one chunk
         # of dim per rank for the reduce-scatter ("reduce", the dim slices again).
         self.exchange_partials = SliceExchange([config.dim] * len(shards), sync, q80)
+        # Star: root's whole (T, dim) rows to every rank; the ranks' keys or values to root.
+        self.exchange_root = SliceExchange([config.dim], sync, q80)
+        self.exchange_kv = SliceExchange(slice_sizes(shards, "kv"), sync, q80)
         self.vocab_widths = slice_sizes(shards, "vocab")
         # Query head h reads kv head h // q_per_kv; index it within this rank's cache.
-        heads = np.arange(*shard.heads)
-        self.head_kv = heads // config.q_per_kv - shard.kv_heads[0]
+        heads = np.arange(*shard.attention_heads)
+        self.head_kv = heads // config.q_per_kv - shard.cache_kv_heads[0]
         self.rope_cos, self.rope_sin = rope_tables(config.head_dim, self.max_seq_len,
                                                    config.rope_theta, **config.rope_scaling_args)
         self.state = RunState(*self.kv_caches())
@@ -97,7 +103,7 @@ class Model:
         """Zeroed key and value caches of this rank's layers and kv heads, float32, twice:
         (layers, kv heads, max_seq_len, head_dim), or with a leading axis of `sequences`."""
         c = self.config
-        shape = (len(self.layers), self.shard.n_kv_heads, self.max_seq_len, c.head_dim)
+        shape = (len(self.layers), self.shard.n_cache_kv_heads, self.max_seq_len, c.head_dim)
         if sequences is not None:
             shape = (sequences,) + shape
         return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
@@ -118,7 +124,8 @@ class Model:
         x = np.empty((len(tokens), c.dim), dtype=np.float32)         # residual stream
         if comm.is_root:
             x[:] = self.embed(tokens)
-        comm.bcast_array(x)                                          # Bcast x
+        if self.scheme != "star":     # star: the residual stream lives on root alone
+            comm.bcast_array(x)                                      # Bcast x
         x = self.run_layers(x, pos, self.state.k_cache, self.state.v_cache, step)
         self.state.residual = x
         if logits is None:
@@ -140,6 +147,9 @@ class Model:
         kernels, mm = step.kernels, step.kernels.matmul
         cos, sin = self.rope_cos[step.positions], self.rope_sin[step.positions]
         for layer, w in enumerate(self.layers):
+            if shard.scheme == "star":     # the paper's design: every exchange through root
+                x = self.star_layer(x, w, layer, step, cos, sin)
+                continue
             # attention block: this rank's query heads and the kv heads they read
             xb = kernels.quantize_input(rmsnorm(x, w["attention_norm"], eps))
             q = rope(mm(xb, w["wq"]).reshape(T, shard.n_heads, hd), cos, sin)
@@ -167,14 +177,56 @@ class Model:
                 x = x + self.sum_partials(f)                            # (T, dim); residual
         return x
 
+    def star_layer(self, x, w, layer, step, cos, sin):
+        """One layer of scheme "star" (Distributed Llama 0.1, Tadych 2024): x (T, dim), the
+        residual stream, is root's alone (other ranks pass and get back an unused array of
+        that shape); root holds the whole KV cache and attends over every head, every rank
+        multiplies its rows of every matrix. Per token root sends every other rank its
+        normalized x twice and the attention output (3 dim values) and the hidden slices
+        of the other ranks; each rank sends root its q, k, v, wo, hidden and w2 slices
+        (docs/sync.md). Collective over `group`; w: the layer's weights."""
+        c, shard, group, eps = self.config, self.shard, self.group, self.config.norm_eps
+        T, hd, root = len(x), c.head_dim, self.group.is_root
+        kernels, mm = step.kernels, step.kernels.matmul
+        # attention block: root's normalized x out, every rank's q, k, v rows in
+        xn = rmsnorm(x, w["attention_norm"], eps) if root else None
+        xb = kernels.quantize_input(group.bcast_rows(xn, self.exchange_root, T))  # root ->
+        q = rope(mm(xb, w["wq"]).reshape(T, shard.n_heads, hd), cos, sin)
+        k = rope(mm(xb, w["wk"]).reshape(T, shard.n_kv_heads, hd), cos, sin)
+        q = group.gather_slices(q.reshape(T, -1), self.exchange_attention)   # Gatherv -> root
+        k = group.gather_slices(k.reshape(T, -1), self.exchange_kv)          # Gatherv -> root
+        v = group.gather_slices(mm(xb, w["wv"]), self.exchange_kv)           # Gatherv -> root
+        att = None
+        if root:    # the whole KV cache and every head's attention
+            step.write(layer, k.reshape(T, c.n_kv_heads, hd), v.reshape(T, c.n_kv_heads, hd))
+            att = step.attend(layer, q.reshape(T, c.n_heads, hd))           # (T, dim)
+        att = group.bcast_rows(att, self.exchange_root, T)                   # root -> (T, dim)
+        o = mm(kernels.quantize_input(att), w["wo"])                         # (T, local dim rows)
+        o = group.gather_slices(o, self.exchange_dim)                        # Gatherv -> root
+        x = x + o if root else x                                             # residual
+
+        # feed-forward block: root's normalized x out, the hidden slices relayed by root
+        xn = rmsnorm(x, w["ffn_norm"], eps) if root else None
+        xb = kernels.quantize_input(group.bcast_rows(xn, self.exchange_root, T))  # root ->
+        h = swiglu(mm(xb, w["w1"]), mm(xb, w["w3"]))                         # (T, local hidden)
+        h = group.allgather_through_root(h, self.exchange_hidden)  # -> root -> (T, hidden)
+        f = mm(kernels.quantize_input(h), w["w2"])                           # (T, local dim rows)
+        f = group.gather_slices(f, self.exchange_dim)                        # Gatherv -> root
+        return x + f if root else x                                          # residual
+
     def classify(self, x, kernels=None):
         """Final norm and this rank's classifier rows of x (R, dim); the ranks' logits
         gathered to root -> (R, vocab) float32 on root, None elsewhere. Collective.
-        kernels: those that multiply x's rows (a kvcache step's), default the model's."""
+        kernels: those that multiply x's rows (a kvcache step's), default the model's.
+        Scheme "star": root alone holds the whole classifier; no Gather."""
         kernels = kernels or self.kernels
+        if self.scheme == "star" and not self.group.is_root:
+            return None
         final = rmsnorm(x, self.weights["norm"], self.config.norm_eps)
         local_logits = kernels.matmul(kernels.quantize_input(final),
                                       self.weights["output"])            # (R, local vocab)
+        if self.scheme == "star":
+            return local_logits                                          # (R, vocab)
         return self.group.gather_rows(local_logits, self.vocab_widths)   # Gather -> root
 
     def sum_partials(self, partial):

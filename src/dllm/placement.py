@@ -31,10 +31,13 @@ def type_of(types, dataset):
 def tensor_entries(config, shard, is_root):
     """Tensor mode: (key, dataset, rows, cols) of every array a rank holds (None = all rows
     / columns): its slices of every matrix and of the classifier, the norms, and on root the
-    whole token embedding. A tied classifier is read from the embedding's rows."""
+    whole token embedding. A tied classifier is read from the embedding's rows; a rank
+    without classifier rows (scheme star: all are root's) holds none."""
     entries = [("tok_embeddings", "tok_embeddings", None, None)] if is_root else []
     classifier = "tok_embeddings" if config.tie_embeddings else "output"
-    entries += [("output", classifier, shard.vocab_rows, None), ("norm", "norm", None, None)]
+    if shard.vocab_rows[1] > shard.vocab_rows[0]:
+        entries.append(("output", classifier, shard.vocab_rows, None))
+    entries.append(("norm", "norm", None, None))
     for layer in range(config.n_layers):
         prefix = f"layers/{layer}/"
         entries += [(prefix + n, prefix + n, None, None) for n in NORMS]
@@ -106,6 +109,7 @@ def stage_bytes(config, types, n_layers, is_root, max_seq_len, sequences=1):
 
 
 def shard_bytes(config, types, shard, is_root, max_seq_len):
-    """Memory of a tensor-parallel rank: its slices (tensor_entries) + its KV cache."""
+    """Memory of a tensor-parallel rank: its slices (tensor_entries) + its KV cache (scheme
+    star: root's is the whole cache, the other ranks have none)."""
     weights = entries_bytes(config, types, tensor_entries(config, shard, is_root))
-    return weights + config.n_layers * kv_bytes(config, max_seq_len, shard.n_kv_heads)
+    return weights + config.n_layers * kv_bytes(config, max_seq_len, shard.n_cache_kv_heads)

@@ -316,11 +316,12 @@ def check_stage_memory(config, types, profile, stages, max_seq_len, sequences):
                             f"than the {_mb(device.memory)} in the profile")
 
 
-def tensor_shares(config, types, profile, max_seq_len):
+def tensor_shares(config, types, profile, max_seq_len, scheme="slices"):
     """Shares of every rank's tensor-parallel slices: in proportion to speed, capped so that
     a rank's fraction of the split bytes (and root's embedding) fits its memory. Slices are
-    whole heads and blocks, so a cap is lowered by what rounding added until every rank fits
-    (check_tensor_memory has the last word)."""
+    whole heads and blocks, so a cap is lowered by what rounding (and, in scheme star, root's
+    whole classifier and KV cache) added until every rank fits (check_tensor_memory has the
+    last word)."""
     one = plan(config, 1)[0]
     split = shard_bytes(config, types, one, False, max_seq_len)   # everything that is split
     embedding = tensor_bytes(config, types, "tok_embeddings")
@@ -336,7 +337,7 @@ def tensor_shares(config, types, profile, max_seq_len):
         shares = proportional_counts(SHARE_UNITS, profile.speeds, caps)
         if not all(shares):
             return shares        # plan() names the rank without a share
-        shards = plan(config, profile.size, shares=shares)
+        shards = plan(config, profile.size, scheme, shares=shares)
         over = [(s.rank, shard_bytes(config, types, s, s.rank == 0, max_seq_len) - d.memory)
                 for s, d in zip(shards, profile.devices)]
         if all(excess <= 0 for _, excess in over):

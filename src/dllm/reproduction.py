@@ -5,8 +5,9 @@
 Reads dllm.bench JSON lines (jobs/paper-figures.sh writes them), recognizes each model's shape
 (a dllm.convert synthetic preset, from its dimensions; the depth may be reduced), and groups the
 runs by shape, sync scheme, ranks, sync payload and link. Per group the figures per decoded
-token (total, inference and sync ms; bytes received by the busiest rank) are scaled to the
-preset's full depth: with runs at two or more depths, by the straight line through them
+token (total, inference and sync ms; bytes received by the busiest rank; root's bytes sent
+and received, Figure 6's count for the star scheme, in KiB: the paper's kB read as KiB) are
+scaled to the preset's full depth: with runs at two or more depths, by the straight line through them
 (value = fixed + per-layer x layers: the classifier, embedding and logits gather are the fixed
 part), with one depth in proportion to the layers (which overstates the fixed part's share).
 Beside each full-depth figure stands the paper's (Tadych 2024, Figures 3-5: 8 x Raspberry Pi 4B
@@ -36,7 +37,7 @@ PAPER_MS = {
 PAPER_KB = {"llama2-7b": {2: 1112, 4: 2830, 8: 6008}, "llama2-13b": {2: 1742, 4: 4430, 8: 9407},
             "llama2-70b": {2: 5525, 4: 14917, 8: 32873}}
 SHAPE_KEYS = ("dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size")
-FIGURES = ("total", "inference", "sync", "received_kb")
+FIGURES = ("total", "inference", "sync", "received_kb", "root_link_kib")
 
 
 def shape_of(model_config):
@@ -49,9 +50,13 @@ def shape_of(model_config):
 
 
 def figures(record):
-    ms = record["ms_per_token"]
+    """Per decoded token: ms, the busiest receiver's kB, and root's sent + received in KiB
+    (Figure 6's count for the star, whose every byte crosses root's link; None in records
+    written before dllm.bench recorded root's bytes)."""
+    ms, root = record["ms_per_token"], record.get("root_bytes_per_token")
     return {"total": ms["total"], "inference": ms["inference"], "sync": ms["sync"],
-            "received_kb": record["over_ranks"]["bytes_received"]["max"] / 1e3}
+            "received_kb": record["over_ranks"]["bytes_received"]["max"] / 1e3,
+            "root_link_kib": (root["sent"] + root["received"]) / 1024 if root else None}
 
 
 def full_depth(points, layers):
@@ -84,7 +89,8 @@ def rows(records):
     for key, by_depth in sorted(group(records).items()):
         shape, scheme, n, sync, link = key
         layers = PRESETS[shape].n_layers
-        full = {f: full_depth({d: v[f] for d, v in by_depth.items()}, layers) for f in FIGURES}
+        full = {f: full_depth({d: v[f] for d, v in by_depth.items()}, layers)
+                if all(v[f] is not None for v in by_depth.values()) else None for f in FIGURES}
         out.append({"shape": shape, "scheme": scheme, "ranks": n, "sync": sync, "link": link,
                     "depths": sorted(by_depth), "full_layers": layers, **full,
                     "paper": PAPER_MS.get(shape, {}).get(n), "paper_kb": PAPER_KB.get(shape, {}).get(n)})
@@ -93,7 +99,8 @@ def rows(records):
 
 def table(out, markdown=False):
     head = ["model", "scheme", "ranks", "link", "depths run", "total ms", "inference ms",
-            "sync ms", "recv kB (busiest rank)", "paper total / inference / transfer ms"]
+            "sync ms", "recv kB (busiest rank)", "root S+R KiB", "paper total / inference / "
+            "transfer ms", "paper kB (Fig. 6)"]
     lines = []
     if markdown:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -105,7 +112,9 @@ def table(out, markdown=False):
         cells = [r["shape"], r["scheme"], str(r["ranks"]), str(r["link"]),
                  ",".join(map(str, r["depths"])) + f" -> {r['full_layers']}",
                  f"{r['total']:.0f}", f"{r['inference']:.0f}", f"{r['sync']:.0f}",
-                 f"{r['received_kb']:.0f}", paper]
+                 f"{r['received_kb']:.0f}",
+                 "-" if r["root_link_kib"] is None else f"{r['root_link_kib']:.1f}", paper,
+                 "-" if r["paper_kb"] is None else str(r["paper_kb"])]
         lines.append(("| " + " | ".join(cells) + " |") if markdown else "  ".join(cells))
     return "\n".join(lines)
 

@@ -17,6 +17,11 @@ and Distributed Llama do): a rank holds all rows of wo for the columns of its ow
 heads, and all rows of w2 for the columns of its own hidden units, so it needs no Allgather
 before those matmuls; it produces a full-width partial sum that the ranks then add up.
 
+Scheme "star" is Distributed Llama 0.1's design (Tadych 2024, the paper's measurements): the
+matrices split as in "slices", but wk and wv by kv heads (each kv head on one rank only: a rank
+may hold none), and root alone holds the classifier, attends over every head and keeps the
+whole KV cache; the other ranks hold no cache (dllm.model.Model.star_layer).
+
 Every split is a contiguous range of rows, so a rank reads its slice of a matrix with one
 contiguous HDF5 hyperslab. Splits of dim and hidden follow 32-value blocks so that each rank's
 Q80 payload is whole blocks whenever the sizes allow; when the blocks (or heads) do not
@@ -122,12 +127,27 @@ class RankShard:
     rank: int
     size: int
     heads: tuple        # query heads
-    kv_heads: tuple     # kv heads read by those query heads
+    kv_heads: tuple     # kv heads of its wk, wv rows: read by its query heads (star: its share)
     dim_rows: tuple     # rows of wo and w2
     hidden_rows: tuple  # rows of w1 and w3
     vocab_rows: tuple   # rows of the classifier
     head_dim: int
     scheme: str = "slices"
+    attends: tuple = None   # query heads this rank attends over (None: heads; star: root all)
+    caches: tuple = None    # kv heads whose keys and values it caches (None: kv_heads)
+
+    @property
+    def attention_heads(self):
+        return self.heads if self.attends is None else self.attends
+
+    @property
+    def cache_kv_heads(self):
+        return self.kv_heads if self.caches is None else self.caches
+
+    @property
+    def n_cache_kv_heads(self):
+        """kv heads in this rank's KV cache (star: all on root, none elsewhere)."""
+        return self.cache_kv_heads[1] - self.cache_kv_heads[0]
 
     @property
     def q_rows(self):
@@ -149,7 +169,7 @@ class RankShard:
     @property
     def row_parallel(self):
         """wo and w2 split by input columns (schemes "partials" and "reduce")."""
-        return self.scheme != "slices"
+        return self.scheme in ("partials", "reduce")
 
     def rows(self, name):
         """Row range of the named weight (Llama vocabulary) held by this rank; None = all."""
@@ -177,7 +197,7 @@ def check_world_size(config, size):
             f"this model runs on at most {config.n_heads} ranks")
 
 
-SCHEMES = ("slices", "partials", "reduce")
+SCHEMES = ("slices", "partials", "reduce", "star")
 
 
 def plan(config, size, scheme="slices", shares=None):
@@ -199,6 +219,8 @@ def plan(config, size, scheme="slices", shares=None):
         splits = (counts_to_ranges(proportional_counts(config.n_heads, shares, minimum=1)),
                   shared_rows(config.dim, shares), shared_rows(config.hidden_dim, shares),
                   counts_to_ranges(proportional_counts(config.vocab_size, shares, minimum=1)))
+    if scheme == "star":
+        return star_plan(config, size, shares, *splits[:3])
     g = config.q_per_kv
     shards = []
     for rank, ((h0, h1), dim_rows, hidden_rows, vocab_rows) in enumerate(zip(*splits)):
@@ -208,6 +230,21 @@ def plan(config, size, scheme="slices", shares=None):
     return shards
 
 
+def star_plan(config, size, shares, heads, dim_rows, hidden_rows):
+    """Scheme "star": the splits of "slices" for wq, wo, w1, w3, w2; wk and wv by kv heads
+    (each once; with more ranks than kv heads the last ranks hold none); root attends over
+    every query head, caches every kv head and holds the whole classifier."""
+    n_kv, vocab = config.n_kv_heads, config.vocab_size
+    kv_heads = (block_split(n_kv, size) if shares is None
+                else counts_to_ranges(proportional_counts(n_kv, shares)))
+    return [RankShard(rank, size, heads[rank], kv_heads[rank], dim_rows[rank],
+                      hidden_rows[rank], (0, vocab) if rank == 0 else (vocab, vocab),
+                      config.head_dim, "star",
+                      attends=(0, config.n_heads) if rank == 0 else (0, 0),
+                      caches=(0, n_kv) if rank == 0 else (0, 0))
+            for rank in range(size)]
+
+
 def shard_for(config, rank, size, scheme="slices"):
     """This rank's shard: the pure function of (config, rank, size)."""
     return plan(config, size, scheme)[rank]
@@ -215,7 +252,9 @@ def shard_for(config, rank, size, scheme="slices"):
 
 def slice_sizes(shards, name):
     """Per-rank widths of the slice each rank contributes to the Allgather after `name`:
-    'attention' (attention output), 'dim' (wo/w2 outputs), 'hidden' (SwiGLU output)."""
+    'attention' (attention output), 'dim' (wo/w2 outputs), 'hidden' (SwiGLU output), 'kv'
+    (keys or values: scheme star's Gather to root), 'vocab' (logits)."""
     pick = {"attention": lambda s: s.q_rows, "dim": lambda s: s.dim_rows,
+            "kv": lambda s: s.kv_rows,
             "hidden": lambda s: s.hidden_rows, "vocab": lambda s: s.vocab_rows}[name]
     return [pick(s)[1] - pick(s)[0] for s in shards]

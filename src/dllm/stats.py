@@ -106,6 +106,10 @@ def summarize(comm, timer):
         summary["over_ranks"] = {
             **{f"{k}_ms": spread([r[f"{k}_ms"] for r in ranks]) for k in ("total", "inference", "sync")},
             **{f"bytes_{k}": spread([r[k] for r in ranks]) for k in ("sent", "received")}}
+        # Root's link (a star's carries every byte: Figure 6 counts its sent + received)
+        # and the total over the links.
+        summary["root_bytes_per_token"] = {k: float(ranks[0][k]) for k in ("sent", "received")}
+        summary["total_bytes_sent_per_token"] = float(sum(r["sent"] for r in ranks))
     return summary
 
 
