@@ -29,7 +29,7 @@ from test_cli import assert_one_clear_error, mpirun_command
 ROOT = Path(__file__).resolve().parents[1]
 DEEP = ModelConfig(dim=64, hidden_dim=128, n_layers=48, n_heads=4, n_kv_heads=2,
                    vocab_size=512, max_seq_len=256)
-STEPS = 200
+STEPS = 100          # room to strike after 30 tokens, before the end
 TIMEOUT = 4          # --timeout of the runs that the tests stall
 SLACK = 10           # the bound: the job ends within timeout + 10 s
 
@@ -248,7 +248,7 @@ def saved(path, *keys):
 
 def test_killed_rank_mid_perplexity_rerun_gives_the_uninterrupted_result(deep_model, tmp_path):
     text = tmp_path / "story.txt"
-    text.write_text("Once upon a time, a little fox found a red ball in the park. " * 300)
+    text.write_text("Once upon a time, a little fox found a red ball in the park. " * 150)
     flags = ("perplexity", "--model", deep_model, "--text", text, "--window", 64,
              "--no-progress", "--checkpoint-every", 0, "--timeout", TIMEOUT)
     full, part = tmp_path / "full.json", tmp_path / "part.json"
@@ -258,7 +258,7 @@ def test_killed_rank_mid_perplexity_rerun_gives_the_uninterrupted_result(deep_mo
                                   marker=str(part))
     assert result.returncode != 0 and seconds < TIMEOUT + SLACK
     done = json.loads(part.read_text())["window_nll"]
-    assert 20 <= len(done) < 110
+    assert 20 <= len(done) < len(json.loads(full.read_text())["window_nll"])
     rerun = run(eval_cmd(2, *flags, "--out", part))
     assert rerun.returncode == 0, rerun.stderr
     final, expected = json.loads(part.read_text()), json.loads(full.read_text())
