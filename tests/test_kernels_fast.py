@@ -199,3 +199,21 @@ def test_backend_choice(monkeypatch):
     assert backend.choose() == "numpy"
     with pytest.raises(DllmError, match=r"pip install 'dllm\[fast\]'"):
         backend.choose("fast")
+
+
+@pytest.mark.parametrize("heads,kv_heads,pos,T", [(4, 2, 0, 5), (4, 4, 7, 1), (6, 3, 3, 9)])
+def test_attention_matches_reference_and_every_row_is_as_if_alone(heads, kv_heads, pos, T):
+    """The compiled attention against kernels.attention_ref, and each query row of a block
+    bit for bit the row attended alone at its position (a prompt's numbers do not depend on
+    how it is cut into blocks)."""
+    hd, r = 32, rng(5)
+    q = r.standard_normal((T, heads, hd)).astype(np.float32)
+    k_cache = r.standard_normal((kv_heads, pos + T + 3, hd)).astype(np.float32)
+    v_cache = r.standard_normal((kv_heads, pos + T + 3, hd)).astype(np.float32)
+    head_kv = np.arange(heads) // (heads // kv_heads)
+    block = kf.attention(q, k_cache, v_cache, pos, head_kv)
+    np.testing.assert_allclose(block, kernels.attention_ref(q, k_cache, v_cache, pos, head_kv),
+                               rtol=1e-5, atol=1e-5)
+    for t in range(T):
+        alone = kf.attention(q[t:t + 1], k_cache, v_cache, pos + t, head_kv)
+        assert np.array_equal(block[t:t + 1], alone)

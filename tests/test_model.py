@@ -160,6 +160,22 @@ def test_fast_kernels_against_numpy_kernels_and_the_reference(model_dir, name, s
     assert all_ranks(ok)
 
 
+def test_fast_prefill_of_a_long_prompt_equals_its_decode_bit_for_bit():
+    """200 tokens in blocks of 16 against one token at a time, on the demo model: with the C
+    kernel and the row-wise attention no row's numbers depend on the rows beside it (the
+    batched float attention differed from position 47 on: float rounding that Q8_0 inputs
+    then turn into whole code steps)."""
+    pytest.importorskip("numba", reason="numba is not installed (dllm[fast])")
+    from dllm.kernels_fast import gemm_isa
+    if gemm_isa() is None:
+        pytest.skip("the C kernel dllm._gemm_q40_q80 is not built or no AVX2")
+    model = dllm.load(dllm.demo_model(), sync="q80", kernels="fast", prefill_chunk=16)
+    ids = [int(t) for t in np.random.default_rng(0).integers(1, 500, 200)]
+    block = model.logits(ids)
+    steps = [model.forward([t], pos) for pos, t in enumerate(ids)]
+    assert all_ranks(not WORLD.is_root or np.array_equal(block, np.concatenate(steps)))
+
+
 @pytest.mark.parametrize("quant", NAMES)
 def test_every_weight_type_runs_in_both_modes_and_both_payloads(model_dir, quant):
     """Every type of the table, tensor and pipeline mode, f32 and Q80 sync, decode and

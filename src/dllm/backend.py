@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from . import _threads
+from . import _threads, kernels
 from .errors import DllmError
 from .quant import quantize_q80
 from .weight_types import Matrix, weight_type
@@ -70,6 +70,10 @@ class NumpyKernels:
         """float32 (T, n) -> Q8_0 bytes (T, n/32*34): the Q80 sync payload (quant.py)."""
         return quantize_q80(x)
 
+    def attention(self, q, k_cache, v_cache, pos, head_kv):
+        """Causal attention of T query rows (kernels.attention: one batched product)."""
+        return kernels.attention(q, k_cache, v_cache, pos, head_kv)
+
     def matmul(self, x, w):
         """quantize_input(x) (T, n) times a prepared weight (rows, n), transposed."""
         return w.wtype.matmul(x, w.data)
@@ -118,6 +122,11 @@ class FastKernels:
     def quantize_q80(self, x):
         """quant.quantize_q80's bytes, compiled (kernels_fast.quantize_q80)."""
         return self.fast.quantize_q80(x)
+
+    def attention(self, q, k_cache, v_cache, pos, head_kv):
+        """Causal attention, compiled, each query row over its own keys as if alone (with
+        the integer matmuls, a row's numbers then never depend on the rows beside it)."""
+        return self.fast.attention(q, k_cache, v_cache, pos, head_kv)
 
     def quantize_rows(self, x):
         """x (K, n) -> every row as Q8_0 (as quantize_input does one row), for matmul_rows."""

@@ -37,6 +37,7 @@ absent or the CPU lacks AVX2, prefill dequantizes tiles and multiplies float32 i
 (gemm_q40) and serving's rows run the numba kernel _gemm_rows_groups (exact, slower);
 `gemm_isa()` says which, and the run's conditions record it.
 """
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -418,6 +419,51 @@ def gemv_q80_q80(xq, w_q80, threads=1):
     return out[None]
 
 
+# --- attention, one query row at a time ------------------------------------------------
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _attention_rows(q, k_cache, v_cache, pos, head_kv, out):
+    """out[t, h] = softmax(q[t, h] . keys 0..pos+t / sqrt(hd)) . values, for every row t
+    and head h: each row over exactly its own keys, by the same loops whatever T is."""
+    T, H, hd = q.shape
+    scale = np.float32(1.0 / math.sqrt(hd))
+    scores = np.empty(pos + T, np.float32)
+    for t in range(T):
+        S = pos + t + 1
+        for h in range(H):
+            kv = head_kv[h]
+            top = np.float32(-np.inf)
+            for s in range(S):
+                dot = np.float32(0.0)
+                for d in range(hd):
+                    dot += q[t, h, d] * k_cache[kv, s, d]
+                scores[s] = dot * scale
+                top = max(top, scores[s])
+            total = np.float32(0.0)
+            for s in range(S):
+                scores[s] = np.exp(scores[s] - top)
+                total += scores[s]
+            inv = np.float32(1.0) / total
+            for d in range(hd):
+                out[t, h, d] = 0.0
+            for s in range(S):
+                weight = scores[s] * inv
+                for d in range(hd):
+                    out[t, h, d] += weight * v_cache[kv, s, d]
+
+
+def attention(q, k_cache, v_cache, pos, head_kv):
+    """kernels.attention's arguments and result ((T, H, hd) -> (T, H * hd) float32),
+    compiled, one query row at a time: row t equals that row attended alone (T = 1 at
+    position pos + t), bit for bit, so a prompt's numbers do not depend on how it is cut
+    into blocks. Reference twin: kernels.attention_ref."""
+    T, H, hd = q.shape
+    out = np.empty((T, H, hd), np.float32)
+    _attention_rows(np.ascontiguousarray(q, np.float32), k_cache, v_cache, pos,
+                    np.asarray(head_kv, np.int64), out)
+    return out.reshape(T, H * hd)
+
+
 # --- prefill: dequantized tiles times f32 inputs (BLAS) -----------------------------------
 
 @njit(nogil=True, cache=True)
@@ -509,6 +555,8 @@ def warm_up(threads=1):
             gemv_q80_q80(x, w_q80, threads)
             gemv_q80_q80(x, w_q80[:1], 1)
     matmul_rows(Q80Input(np.ones((2, 32), np.float32)), w, threads)
+    cache = np.zeros((1, 2, 32), np.float32)
+    attention(np.ones((1, 1, 32), np.float32), cache, cache, 0, np.zeros(1, np.int64))
 
 
 def set_threads(n):

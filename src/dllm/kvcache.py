@@ -43,8 +43,8 @@ class ContiguousStep:
 
     def attend(self, layer, q):
         """q (T, local heads, hd) -> (T, local heads * hd), causal over the cache."""
-        return attention(q, self.k_caches[layer], self.v_caches[layer], self.pos,
-                         self.head_kv)
+        return self.kernels.attention(q, self.k_caches[layer], self.v_caches[layer], self.pos,
+                                      self.head_kv)
 
 
 # --- the paged cache ------------------------------------------------------------------------
@@ -96,18 +96,19 @@ class BlockAllocator:
         table.clear()
 
 
-def paged_attention(q, k_blocks, v_blocks, block_table, pos, head_kv):
+def paged_attention(q, k_blocks, v_blocks, block_table, pos, head_kv, attend=attention):
     """Causal attention of T queries at positions pos..pos+T-1 of one sequence whose keys
     and values lie in the blocks `block_table` (ints) of k_blocks, v_blocks (n_blocks, KV,
     block_size, hd). q (T, H, hd) float32 -> (T, H * hd). The reference twin is
     kernels.attention over the contiguous cache: the blocks are gathered into one
-    (KV, S, hd) cache and handed to it, so both compute the same arithmetic."""
+    (KV, S, hd) cache and handed to it (or to `attend`, a backend's attention), so both
+    compute the same arithmetic."""
     S = pos + len(q)
     block_size = k_blocks.shape[2]
     used = np.asarray(block_table[:-(-S // block_size)], np.int64)
     k_cache = _contiguous(k_blocks, used)
     v_cache = _contiguous(v_blocks, used)
-    return attention(q, k_cache, v_cache, pos, head_kv)
+    return attend(q, k_cache, v_cache, pos, head_kv)
 
 
 def _contiguous(blocks, table):
@@ -161,8 +162,8 @@ class PagedStep:
         own blocks."""
         out, row = [], 0
         for table, start, n, _ in self.segments:
-            out.append(paged_attention(q[row:row + n], self.pool.k[layer],
-                                       self.pool.v[layer], table, start, self.head_kv))
+            out.append(paged_attention(q[row:row + n], self.pool.k[layer], self.pool.v[layer],
+                                       table, start, self.head_kv, self.kernels.attention))
             row += n
         return np.concatenate(out)
 
@@ -180,7 +181,7 @@ class RowSegments:
     for all of them, which is what batching buys)."""
 
     def __init__(self, kernels, lengths):
-        self.base, self.name = kernels, kernels.name
+        self.base, self.name, self.attention = kernels, kernels.name, kernels.attention
         starts = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
         self.singles = np.asarray([a for a, n in zip(starts, lengths) if n == 1], np.int64)
         self.blocks = [(a, a + n) for a, n in zip(starts, lengths) if n > 1]
