@@ -8,8 +8,9 @@ rows (`attend`); and the kernels that multiply its rows (`kernels`, see RowSegme
 - ContiguousStep: one sequence at positions pos..pos+T-1 of RunState's (layers, kv heads,
   max_seq_len, head_dim) cache, as dllm.generate runs it. This is the reference.
 - PagedStep: T rows of many sequences, each at its own positions, in fixed-size blocks of a
-  BlockPool through per-sequence block tables. Each rank's pool holds only its own kv heads
-  of every block, so the cluster's KV capacity grows with the ranks (InfiniteLLM's point).
+  BlockPool through per-sequence block tables. Each rank's pool holds only its own part of
+  every block: its kv heads (tensor mode) or its layers (a pipeline stage), so the
+  cluster's KV capacity grows with the ranks (InfiniteLLM's point).
 
 Blocks are allocated and freed on root only (BlockAllocator, driven by dllm.serve's
 scheduler); every rank's pool is plain storage that the broadcast plan indexes.
@@ -50,9 +51,10 @@ class ContiguousStep:
 # --- the paged cache ------------------------------------------------------------------------
 
 class BlockPool:
-    """Every rank's KV storage: n_blocks blocks of block_size positions of this rank's kv heads.
+    """Every rank's KV storage: n_blocks blocks of block_size positions of this rank's layers
+    and kv heads.
 
-    k, v: (n_layers, n_blocks, local kv heads, block_size, head_dim) float32.
+    k, v: (layers held, n_blocks, local kv heads, block_size, head_dim) float32.
     """
 
     def __init__(self, n_layers, n_kv_heads, head_dim, n_blocks, block_size=BLOCK_SIZE):
@@ -65,10 +67,12 @@ class BlockPool:
         return self.k.nbytes + self.v.nbytes
 
 
-def blocks_for_memory(config, n_kv_heads, memory_bytes, block_size=BLOCK_SIZE):
-    """How many blocks of this rank's kv heads fit in memory_bytes (keys and values)."""
-    per_block = 2 * 4 * config.n_layers * n_kv_heads * block_size * config.head_dim
-    return memory_bytes // per_block
+def blocks_for_memory(n_layers, n_kv_heads, head_dim, memory_bytes, block_size=BLOCK_SIZE):
+    """How many blocks of this rank's layers and kv heads fit in memory_bytes (keys and
+    values); None when the rank caches nothing (a pipeline root may hold no layers, star's
+    other ranks no kv heads)."""
+    per_block = 2 * 4 * n_layers * n_kv_heads * block_size * head_dim
+    return memory_bytes // per_block if per_block else None
 
 
 class BlockAllocator:

@@ -3,9 +3,11 @@
     mpirun -n 2 python -m dllm.serve --model m.h5 [--host 127.0.0.1] [--port 8000]
 
 Root runs the HTTP server (uvicorn, in a thread) and the scheduler; every rank runs the
-engine loop (dllm.serve.engine) on its main thread, one forward per iteration of root's
-plan. Root prints "dllm.serve: listening on http://HOST:PORT" on stderr once it serves
-(--port 0 picks a free port). docs/serving.md has the API, the options and the figures.
+engine loop on its main thread: one forward per iteration of root's plan
+(dllm.serve.engine), or with --parallel pipeline, the plans passing through the stages,
+several in flight (dllm.serve.stages). Root prints "dllm.serve: listening on
+http://HOST:PORT" on stderr once it serves (--port 0 picks a free port). docs/serving.md
+has the API, the options and the figures.
 """
 import re
 import socket
@@ -72,13 +74,11 @@ def main(argv=None):
 
 
 def _main(comm, argv):
-    from . import engine
+    from . import engine, stages
     args = build_parser(comm.is_root).parse_args(argv)
     comm.from_root(check_paths, args)
     if args.kv_blocks is not None and args.kv_memory is not None:
         raise DllmError("give --kv-blocks or --kv-memory, not both")
-    if args.parallel == "pipeline":
-        raise DllmError("--parallel pipeline is not served yet: dllm.serve runs tensor-parallel")
     use_fault_options(comm, args)
     model = load_model(comm, args)
     comm.from_root(require_tokenizer, model)
@@ -86,7 +86,8 @@ def _main(comm, argv):
                       args.max_running)
     scheduler = comm.root_only(start_server, args, model, pool)
     model_loaded(comm)
-    engine.run(comm, model, pool, scheduler, merged=args.batching == "fast")
+    serve = stages.run if args.parallel == "pipeline" else engine.run
+    serve(comm, model, pool, scheduler, merged=args.batching == "fast")
     return 0
 
 
@@ -123,7 +124,8 @@ def start_server(args, model, pool):
                               name="dllm-http", daemon=True)
     thread.start()
     host, port = sock.getsockname()[:2]
-    print(f"{PROG}: listening on http://{host}:{port} ({model.comm.size} rank(s), "
+    mode = "pipeline stages" if args.parallel == "pipeline" else "rank(s)"
+    print(f"{PROG}: listening on http://{host}:{port} ({model.comm.size} {mode}, "
           f"{pool.n_blocks} KV blocks of {pool.block_size} per rank, "
           f"{pool.nbytes / 2 ** 20:.1f} MiB)", file=sys.stderr, flush=True)
     return scheduler

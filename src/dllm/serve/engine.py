@@ -12,19 +12,20 @@ from ..kvcache import BLOCK_SIZE, BlockPool, PagedStep, blocks_for_memory, check
 
 def make_pool(comm, model, kv_blocks=None, kv_memory=None, max_running=1,
               block_size=BLOCK_SIZE):
-    """Every rank's BlockPool, of the same number of blocks on every rank (the block tables
-    are root's): --kv-blocks, else as many as --kv-memory bytes hold on the rank with the
-    most kv heads, else max_running whole contexts. Collective. Scheme star: root's pool
-    holds every kv head, the other ranks' none (they cache nothing)."""
-    c, heads = model.config, model.shard.n_cache_kv_heads
+    """Every rank's BlockPool of its own layers and cached kv heads (model.layers,
+    model.shard), of the same number of blocks on every rank (the block tables are root's):
+    --kv-blocks, else as many as --kv-memory bytes hold on the rank with the most of them,
+    else max_running whole contexts. Collective. Scheme star: root's pool holds every kv
+    head, the other ranks' none (they cache nothing)."""
+    c, heads, layers = model.config, model.shard.n_cache_kv_heads, len(model.layers)
     if kv_blocks is None and kv_memory is not None:
-        fits = comm.allgather(blocks_for_memory(c, heads, kv_memory, block_size) if heads
-                              else None)
+        fits = comm.allgather(blocks_for_memory(layers, heads, c.head_dim, kv_memory,
+                                                block_size))
         kv_blocks = min(n for n in fits if n is not None)
     if kv_blocks is None:
         kv_blocks = max_running * -(-model.max_seq_len // block_size)
     check_pool(kv_blocks, model.max_seq_len, block_size)
-    return BlockPool(c.n_layers, heads, c.head_dim, kv_blocks, block_size)
+    return BlockPool(layers, heads, c.head_dim, kv_blocks, block_size)
 
 
 def run(comm, model, pool, scheduler=None, merged=False):

@@ -113,8 +113,15 @@ class Scheduler:
                     len(self.allocator.free), live)
 
     # --- the engine's side ----------------------------------------------------------------
-    def next_plan(self, idle_timeout=None):
-        """The next iteration's Plan; waits while there is nothing to do. None: stop."""
+    def next_plan(self, idle_timeout=None, busy=frozenset(), groups=1):
+        """The next iteration's Plan; waits while there is nothing to do. None: stop.
+
+        Pipeline mode (dllm.serve.stages) keeps several plans in flight: busy holds the ids
+        of the sequences in them, which this plan leaves out (their next rows depend on the
+        result) and never preempts (their blocks are being written); while any are busy,
+        an empty Plan means "nothing to add now" instead of a wait. groups: the plan takes
+        at most 1/groups of the running sequences, so that they are shared among the
+        stages."""
         with self.lock:
             while True:
                 self._drop_cancelled()
@@ -122,10 +129,12 @@ class Scheduler:
                 if self.stopping:
                     return None
                 if self.running:
-                    plan = self._build()
-                    if plan.tokens:
+                    plan = self._build(busy, groups)
+                    if plan.tokens or busy:
                         return plan
                     continue          # everything preempted or deferred: admit again
+                if busy:
+                    return Plan([], [], [])
                 self.lock.wait(idle_timeout)
 
     def _drop_cancelled(self):
@@ -155,19 +164,22 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.preemptions += 1
 
-    def _build(self):
+    def _build(self, busy=frozenset(), groups=1):
         tokens, segments, seq_ids = [], [], []
         prefill_budget = self.prefill_tokens
+        max_sequences = -(-len(self.running) // groups)
         for seq in list(self.running):
-            if seq not in self.running:       # preempted for an older one
+            if seq not in self.running or seq.id in busy:   # preempted, or in flight
                 continue
+            if len(seq_ids) >= max_sequences:
+                break
             start, n, logits = self._next_rows(seq)
             if start < len(seq.prompt):
                 if prefill_budget <= 0:
                     continue
                 prefill_budget -= n
             while not self.allocator.grow(seq.table, start + n, self.block_size):
-                victim = self.running[-1]
+                victim = [s for s in self.running if s.id not in busy][-1]   # seq at worst
                 self._preempt(victim)
                 if victim is seq:
                     break
