@@ -531,3 +531,126 @@ def test_four_ranks(chat_model, reference):
         assert chunks[-1].choices[0].finish_reason in ("stop", "length")
     finally:
         server.close()
+
+
+# --- pipeline mode: plans in flight fill the stages ------------------------------------------
+
+def test_plans_in_flight_share_the_running_sequences():
+    """Pipeline mode's scheduling: a plan leaves out the sequences in flight and takes its
+    share of the others (groups), and says "nothing now" rather than waiting while all of
+    them are in flight."""
+    scheduler = Scheduler(64, 64, 8, max_running=4, max_queue=8, block_size=4)
+    submit(scheduler, [[5, 6, 7]] * 4, 3)
+    first = scheduler.next_plan(groups=2)
+    second = scheduler.next_plan(busy=set(first.seq_ids), groups=2)
+    assert len(first.seq_ids) == len(second.seq_ids) == 2
+    assert not set(first.seq_ids) & set(second.seq_ids)
+    idle = scheduler.next_plan(busy=set(first.seq_ids + second.seq_ids), groups=2)
+    assert idle.tokens == [] and idle.seq_ids == []
+
+
+@pytest.fixture(scope="module")
+def numpy_reference():
+    """The demo model on one rank, f32 sync, numpy kernels."""
+    return dllm.load(dllm.demo_model(), Comm.self_comm(), sync="f32", kernels="numpy")
+
+
+@pytest.fixture(scope="module")
+def pipeline2(chat_model):
+    """2 pipeline stages on the numpy kernels, whose prefill rounds as its decoding does
+    (test_mmlu_through_the_api_equals_dllm_eval needs that; the fast kernels' prefill
+    multiplies float32 activations, their decoding Q8_0 ones)."""
+    server = Server(2, chat_model, "--parallel", "pipeline", "--kernels", "numpy")
+    yield server
+    server.close()
+
+
+@needs_server
+def test_pipeline_serving_equals_generate(pipeline2, numpy_reference):
+    """--parallel pipeline on 2 ranks: 8 concurrent greedy requests, shared among the two
+    stages as plans in flight, each get exactly the tokens dllm.generate --parallel
+    pipeline prints (and a tensor-parallel run's); a seeded sample, a streamed chat reply
+    and echo log-probabilities as well."""
+    reference = numpy_reference
+    client = pipeline2.client()
+    greedy = [ref_text(reference, p, 20) for p in PROMPTS]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda p: client.completions.create(
+            model="m", prompt=p, max_tokens=20, temperature=0).choices[0].text, PROMPTS))
+    assert together == greedy
+    seeded = client.completions.create(model="m", prompt=PROMPTS[1], max_tokens=20,
+                                       temperature=0.8, top_p=0.95, seed=1).choices[0].text
+    assert seeded == ref_text(reference, PROMPTS[1], 20, dllm.Sampler(0.8, 0.95, seed=1))
+    pieces = list(client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=16,
+        temperature=0, stream=True))
+    ids = reference.tokenizer.encode("[INST] Tell me a story. [/INST]", bos=True)
+    assert "".join(c.choices[0].delta.content or "" for c in pieces) == ref_text(
+        reference, None, 16, ids=ids)
+    echo = client.completions.create(model="m", prompt=PROMPTS[4], max_tokens=0, echo=True,
+                                     logprobs=1)
+    logits = reference.logits(reference.tokenizer.encode(PROMPTS[4], bos=True))
+    ids = reference.tokenizer.encode(PROMPTS[4], bos=True)
+    want = [token_logprob(logits[i - 1], ids[i], 0)[0] for i in range(1, len(ids))]
+    assert echo.choices[0].logprobs.token_logprobs[1:] == pytest.approx(want, abs=2e-5)
+    printed = subprocess.run(
+        [str(BIN / "mpirun"), "-n", "2", sys.executable, "-m", "dllm.generate", "--parallel",
+         "pipeline", "--sync", "f32", "--kernels", "numpy", "--prompt", PROMPTS[6], "--steps",
+         "20", "--quiet"],
+        capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(Path(dllm.__file__).parents[1])))
+    assert printed.stdout.rstrip("\n") == PROMPTS[6] + greedy[6]
+
+
+# --- MMLU through the API, as lm-evaluation-harness' local-completions scores it ----------------
+
+MMLU = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mmlu"
+
+
+def lm_eval_loglikelihood(client, tokenizer, context, continuation):
+    """lm-eval's local-completions loglikelihood request (lm_eval 0.4: models/api_models.py
+    _encode_pair and openai_completions.py, with tokenized_requests and add_bos_token):
+    the context's ids and what the whole text's add to them, sent as one id list with echo,
+    logprobs 1 and max_tokens 1; the score is the sum of the continuation ids'
+    log-probabilities, the one generated token (the last) left out."""
+    context_ids = tokenizer.encode(context, bos=True)
+    continuation_ids = tokenizer.encode(context + continuation, bos=True)[len(context_ids):]
+    reply = client.completions.create(model="m", prompt=[context_ids + continuation_ids],
+                                      temperature=0, max_tokens=1, logprobs=1, seed=1234,
+                                      echo=True)
+    lp = reply.choices[0].logprobs
+    ctxlen = len(context_ids)
+    assert len(lp.token_logprobs) == ctxlen + len(continuation_ids) + 1
+    return sum(lp.token_logprobs[ctxlen:-1]), continuation_ids
+
+
+@needs_server
+def test_mmlu_through_the_api_equals_dllm_eval(pipeline2, numpy_reference):
+    """A handful of MMLU questions scored as lm-eval's local-completions scores them
+    through the server give dllm.eval mmlu's log-likelihoods (evaluate.score_prompts) and
+    so its choices; the continuations are the same ids as dllm.eval's choice_tokens.
+
+    Both on the numpy kernels: the server computes a choice's ids within the prompt's
+    prefill, dllm.eval after it (a decoding step), and the fast kernels round those
+    differently (about 1e-2 here: float32 against Q8_0 activations)."""
+    reference = numpy_reference
+    from dllm import evaluate
+    if not (MMLU / "test").is_dir():
+        pytest.skip(f"{MMLU} is absent (the real MMLU data lives in ../shared)")
+    tok, subject = reference.tokenizer, "high_school_geography"
+    _, questions = evaluate.read_subject(MMLU, subject, 0, limit=4)
+    continuations = evaluate.choice_tokens(tok)
+    budget = evaluate.prompt_budget(reference.max_seq_len, continuations)
+    prompts = [evaluate.build_prompt(tok, subject, [], q, 0, budget) for q in questions]
+    assert not any(p.truncated for p in prompts)
+    want, _ = evaluate.score_prompts(reference, [p.ids for p in prompts], continuations)
+    client = pipeline2.client()
+    for q, scores in zip(questions, want):
+        context = evaluate.prompt_text(subject, [], q, 0)
+        got = []
+        for letter in evaluate.LETTERS:
+            score, ids = lm_eval_loglikelihood(client, tok, context, " " + letter)
+            assert ids == continuations[letter]
+            got.append(score)
+        assert got == pytest.approx(scores, abs=1e-4)
+        assert int(np.argmax(got)) == int(np.argmax(scores))
