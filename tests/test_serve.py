@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import urllib.error
+import uuid
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +35,7 @@ from dllm.serve.sampling import RequestSampler
 from dllm.serve.scheduler import Scheduler, Sequence, token_logprob
 
 from conftest import make_model
+from test_faults import SLACK, launcher_is_hydra, rank_pid
 
 BIN = Path(sys.executable).parent
 KERNELS = ["numpy"] + (["fast"] if fast_available() else [])
@@ -235,19 +237,21 @@ PROMPTS = ["Once upon a time", "The dog", "Lily and Tom went to the", "One day, 
 
 
 class Server:
-    """mpirun -n N python -m dllm.serve ... --port 0, as a subprocess; .url once listening."""
+    """mpirun [launcher flags] -n N python -m dllm.serve ... --port 0 (a later --port in args
+    wins), as a subprocess in a session of its own; .url once listening."""
 
-    def __init__(self, ranks, model, *args, timeout=240):
-        cmd = [str(BIN / "mpirun"), "-n", str(ranks), sys.executable, "-m", "dllm.serve",
-               "--model", str(model), "--port", "0", "--sync", "f32", *args]
+    def __init__(self, ranks, model, *args, timeout=240, launcher=()):
+        cmd = [str(BIN / "mpirun"), *launcher, "-n", str(ranks), sys.executable, "-m",
+               "dllm.serve", "--model", str(model), "--port", "0", "--sync", "f32", *args]
         env = dict(os.environ, PYTHONPATH=str(Path(dllm.__file__).parents[1]))
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        # stdout too: the launcher's banners go there (dllm.serve writes nothing on it)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env=env, start_new_session=True)
         self.lines, self.url = [], None
         found = threading.Event()
 
         def read():
-            for line in self.proc.stderr:
+            for line in self.proc.stdout:
                 self.lines.append(line)
                 match = re.search(r"listening on (http://\S+)", line)
                 if match:
@@ -549,6 +553,11 @@ def test_plans_in_flight_share_the_running_sequences():
     assert idle.tokens == [] and idle.seq_ids == []
 
 
+FAULTS_MARKER = f"faults-{uuid.uuid4().hex[:8]}"     # in pipeline2's rank processes' command line
+FAULTS_TIMEOUT = 3                                   # --timeout of the stalled job
+FAULTS_LAUNCHER = ("-disable-auto-cleanup",) if launcher_is_hydra() else ()
+
+
 @pytest.fixture(scope="module")
 def numpy_reference():
     """The demo model on one rank, f32 sync, numpy kernels."""
@@ -559,8 +568,12 @@ def numpy_reference():
 def pipeline2(chat_model):
     """2 pipeline stages on the numpy kernels, whose prefill rounds as its decoding does
     (test_mmlu_through_the_api_equals_dllm_eval needs that; the fast kernels' prefill
-    multiplies float32 activations, their decoding Q8_0 ones)."""
-    server = Server(2, chat_model, "--parallel", "pipeline", "--kernels", "numpy")
+    multiplies float32 activations, their decoding Q8_0 ones). Launched as
+    test_a_lost_or_stalled_rank_ends_the_job_and_a_restart_serves, the last test of this
+    module, needs it: it kills a rank of it."""
+    server = Server(2, chat_model, "--parallel", "pipeline", "--kernels", "numpy",
+                    "--model-name", FAULTS_MARKER, "--timeout", str(FAULTS_TIMEOUT),
+                    launcher=FAULTS_LAUNCHER)
     yield server
     server.close()
 
@@ -654,3 +667,79 @@ def test_mmlu_through_the_api_equals_dllm_eval(pipeline2, numpy_reference):
             got.append(score)
         assert got == pytest.approx(scores, abs=1e-4)
         assert int(np.argmax(got)) == int(np.argmax(scores))
+
+
+# --- faults: a rank killed or stalled while streams are in flight --------------------------------
+# Last in this module: it ends pipeline2's job. MPICH's -disable-auto-cleanup lets dllm's
+# watchdog, not the launcher, end the job when a rank dies (docs/faults.md); the rank
+# processes are found in /proc by the PMI_RANK the launcher gives them (test_faults).
+
+STREAMS = 3
+
+
+def strike(server, sig):
+    """Send sig to rank 1 of server while STREAMS streamed greedy requests are in flight;
+    returns (seconds from the signal to the job's end, its exit status, what the job
+    printed, the streams' outcomes: "finished" or the exception that broke one off)."""
+    pid = rank_pid(FAULTS_MARKER, 1)
+    assert pid is not None, "rank 1's process not found"
+    client, started = server.client(), threading.Semaphore(0)
+
+    def stream(i):
+        try:
+            for _ in client.completions.create(model="m", prompt=PROMPTS[i], max_tokens=250,
+                                               temperature=0, stream=True,
+                                               extra_body={"ignore_eos": True}):
+                started.release()
+            return "finished"
+        except Exception as exc:           # openai's, httpx's or the socket's
+            return exc
+    try:
+        with ThreadPoolExecutor(STREAMS) as pool:
+            futures = [pool.submit(stream, i) for i in range(STREAMS)]
+            for _ in range(STREAMS):       # every stream has a token: all mid-stream
+                assert started.acquire(timeout=60), "a stream did not start"
+            os.kill(pid, sig)
+            struck = time.monotonic()
+            status = server.proc.wait(FAULTS_TIMEOUT + SLACK + 30)
+            seconds = time.monotonic() - struck
+            outcomes = [f.result(timeout=30) for f in futures]
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)   # a stopped rank, whatever happened
+        except ProcessLookupError:
+            pass
+        server.close()
+    time.sleep(0.2)                        # the reader thread takes the last lines
+    return seconds, status, "".join(server.lines), outcomes
+
+
+@needs_server
+@pytest.mark.skipif(not FAULTS_LAUNCHER, reason="needs MPICH's mpirun (hydra)")
+def test_a_lost_or_stalled_rank_ends_the_job_and_a_restart_serves(pipeline2, reference):
+    """SIGKILL of rank 1 (pipeline mode) mid-stream: the streams break off, the job ends
+    non-zero within seconds (the watchdog names the dead rank, or MPICH aborts at once);
+    a server restarted on the same port (tensor mode) serves exact tokens; SIGSTOP of its
+    rank 1 mid-stream ends the job after --timeout, the watchdog naming the stopped rank."""
+    port = pipeline2.url.rsplit(":", 1)[1]
+    seconds, status, printed, outcomes = strike(pipeline2, signal.SIGKILL)
+    assert status != 0 and seconds < FAULTS_TIMEOUT + SLACK, (status, seconds, printed)
+    assert "finished" not in outcomes, outcomes
+    assert "Traceback" not in printed, printed
+    if "dllm.serve: error" in printed:
+        assert "rank 1" in printed and "died" in printed, printed
+    else:   # MPICH aborts the job itself when the dead rank was mid-transfer (faults.md)
+        assert "TERMINATED WITH THE EXIT STRING" in printed and status == 9, printed
+
+    server = Server(2, dllm.demo_model(), "--port", port, "--model-name", FAULTS_MARKER,
+                    "--timeout", str(FAULTS_TIMEOUT), launcher=FAULTS_LAUNCHER)
+    assert server.url.endswith(":" + port)
+    text = server.client().completions.create(model="m", prompt=PROMPTS[0], max_tokens=12,
+                                              temperature=0).choices[0].text
+    assert text == ref_text(reference, PROMPTS[0], 12)
+
+    seconds, status, printed, outcomes = strike(server, signal.SIGSTOP)
+    assert status != 0, printed
+    assert FAULTS_TIMEOUT <= seconds < FAULTS_TIMEOUT + SLACK, (seconds, printed)
+    assert "finished" not in outcomes, outcomes
+    assert "rank 1" in printed and "stopped" in printed and "--timeout" in printed, printed
