@@ -567,8 +567,7 @@ def numpy_reference():
 @pytest.fixture(scope="module")
 def pipeline2(chat_model):
     """2 pipeline stages on the numpy kernels, which round a block of rows as single rows
-    (test_mmlu_through_the_api_equals_dllm_eval needs that; the fast kernels multiply a
-    block with float32 activations, a single row with Q8_0 ones). Launched as
+    on every machine (test_mmlu_through_the_api_equals_dllm_eval needs that). Launched as
     test_a_lost_or_stalled_rank_ends_the_job_and_a_restart_serves, the last test of this
     module, needs it: it kills a rank of it."""
     server = Server(2, chat_model, "--parallel", "pipeline", "--kernels", "numpy",
@@ -644,8 +643,9 @@ def test_mmlu_through_the_api_equals_dllm_eval(pipeline2, numpy_reference):
     so its choices; the continuations are the same ids as dllm.eval's choice_tokens.
 
     Both on the numpy kernels: the server classifies all the prompt's rows as one block,
-    dllm.eval single rows, and the fast kernels multiply a block with float32 activations
-    but a single row with Q8_0 ones (about 1e-2 apart here)."""
+    dllm.eval single rows, and the numpy kernels round a block's rows as single rows on
+    every machine; the fast ones do only where their C kernel runs (AVX2), elsewhere they
+    multiply a block with float32 activations (about 1e-2 apart here)."""
     reference = numpy_reference
     from dllm import evaluate
     if not (MMLU / "test").is_dir():
