@@ -584,6 +584,9 @@ def test_pipeline_serving_equals_generate(pipeline2, numpy_reference):
     pipeline prints (and a tensor-parallel run's); a seeded sample, a streamed chat reply
     and echo log-probabilities as well."""
     reference = numpy_reference
+    c = reference.config               # root's stage: half the layers, and only their KV
+    pool = 256 * (c.n_layers // 2) * c.n_kv_heads * 16 * c.head_dim * 2 * 4  # k, v float32
+    assert f"256 KV blocks of 16 per rank, {pool / 2 ** 20:.1f} MiB" in pipeline2.lines[0]
     client = pipeline2.client()
     greedy = [ref_text(reference, p, 20) for p in PROMPTS]
     with ThreadPoolExecutor(8) as pool:
