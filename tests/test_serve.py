@@ -566,8 +566,8 @@ def numpy_reference():
 
 @pytest.fixture(scope="module")
 def pipeline2(chat_model):
-    """2 pipeline stages on the numpy kernels, which round a block of rows as single rows
-    on every machine (test_mmlu_through_the_api_equals_dllm_eval needs that). Launched as
+    """2 pipeline stages on the numpy kernels (test_mmlu_through_the_api_equals_dllm_eval
+    says why). Launched as
     test_a_lost_or_stalled_rank_ends_the_job_and_a_restart_serves, the last test of this
     module, needs it: it kills a rank of it."""
     server = Server(2, chat_model, "--parallel", "pipeline", "--kernels", "numpy",
@@ -645,10 +645,11 @@ def test_mmlu_through_the_api_equals_dllm_eval(pipeline2, numpy_reference):
     through the server give dllm.eval mmlu's log-likelihoods (evaluate.score_prompts) and
     so its choices; the continuations are the same ids as dllm.eval's choice_tokens.
 
-    Both on the numpy kernels: the server classifies all the prompt's rows as one block,
-    dllm.eval single rows, and the numpy kernels round a block's rows as single rows on
-    every machine; the fast ones do only where their C kernel runs (AVX2), elsewhere they
-    multiply a block with float32 activations (about 1e-2 apart here)."""
+    Both on the numpy kernels: the server computes a prompt and its choice as one
+    sequence of forwards, dllm.eval cuts them otherwise (prefix reuse, the choice's first
+    id as a decoding step), and the fast kernels' Q8_0 activations turn the float32
+    rounding differences of the two cuts (attention's products depend on the block's
+    shape) into Q8_0 steps, about 1e-2 here; the numpy kernels keep them at float32's."""
     reference = numpy_reference
     from dllm import evaluate
     if not (MMLU / "test").is_dir():
