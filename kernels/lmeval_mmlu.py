@@ -25,7 +25,6 @@ sys.path.insert(0, str(ROOT / "src"))
 from dllm.evaluate import LETTERS, read_questions  # noqa: E402
 from dllm.mmlu import header  # noqa: E402
 
-LONGEST_CHOICE = 2        # ids of " C" with the tinystories tokenizer ('▁', 'C')
 TEMPLATE = """task: dllm_mmlu_{subject}
 dataset_path: json
 dataset_kwargs:
@@ -84,6 +83,7 @@ def compare(samples_dir, results_path, max_length):
     longest choice's ids but one from the left keeping BOS; lm-eval cuts context and
     choice (max_length - 1 ids, its model_args' max_length) from the left."""
     results = json.loads(Path(results_path).read_text())
+    longest = max(len(ids) for ids in results["choice_tokens"].values())
     total = {"n": 0, "same": 0, "dllm": 0, "lm_eval": 0, "truncated": 0, "truncated_same": 0}
     worst = 0.0
     for subject, record in results["subjects"].items():
@@ -101,7 +101,7 @@ def compare(samples_dir, results_path, max_length):
             counts["n"] += 1
             counts["dllm"] += q["correct"]
             counts["lm_eval"] += lm_choice == q["answer"]
-            if q["truncated"] or q["prompt_tokens"] + LONGEST_CHOICE > max_length - 1:
+            if q["truncated"] or q["prompt_tokens"] + longest > max_length - 1:
                 counts["truncated"] += 1
                 counts["truncated_same"] += same
                 continue
