@@ -25,6 +25,9 @@ sys.path.insert(0, str(ROOT / "src"))
 from dllm.evaluate import LETTERS, read_questions  # noqa: E402
 from dllm.mmlu import header  # noqa: E402
 
+# lm-eval's mmlu doc_to_text (tasks/mmlu/default/_default_template_yaml), a Jinja template
+DOC_TO_TEXT = ("{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}"
+               "\nD. {{choices[3]}}\nAnswer:")
 TEMPLATE = """task: dllm_mmlu_{subject}
 dataset_path: json
 dataset_kwargs:
@@ -37,7 +40,7 @@ fewshot_config:
   sampler: first_n
 output_type: multiple_choice
 description: {description}
-doc_to_text: "{{{{question.strip()}}}}\\nA. {{{{choices[0]}}}}\\nB. {{{{choices[1]}}}}\\nC. {{{{choices[2]}}}}\\nD. {{{{choices[3]}}}}\\nAnswer:"
+doc_to_text: {doc_to_text}
 doc_to_choice: ["A", "B", "C", "D"]
 doc_to_target: answer
 metric_list:
@@ -60,7 +63,8 @@ def write_tasks(data, subjects, out):
             files[split] = path.resolve()
         (out / f"dllm_mmlu_{subject}.yaml").write_text(TEMPLATE.format(
             subject=subject, test=files["test"], dev=files["dev"],
-            description=json.dumps(header(subject, "lm-eval"))))
+            description=json.dumps(header(subject, "lm-eval")),
+            doc_to_text=json.dumps(DOC_TO_TEXT)))
     print(f"wrote {len(subjects)} task(s) to {out}: --include_path {out} --tasks "
           + ",".join(f"dllm_mmlu_{s}" for s in subjects))
 

@@ -15,8 +15,8 @@ import sys
 import threading
 import time
 import urllib.error
-import uuid
 import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -536,7 +536,7 @@ def test_plans_in_flight_share_the_running_sequences():
     assert idle.tokens == [] and idle.seq_ids == []
 
 
-FAULTS_MARKER = f"faults-{uuid.uuid4().hex[:8]}"     # in pipeline2's rank processes' command line
+FAULTS_MARKER = f"faults-{uuid.uuid4().hex[:8]}"     # in the fault test's rank processes
 FAULTS_TIMEOUT = 3                                   # --timeout of the stalled job
 FAULTS_LAUNCHER = ("-disable-auto-cleanup",) if launcher_is_hydra() else ()
 
@@ -550,9 +550,8 @@ def numpy_reference():
 @pytest.fixture(scope="module")
 def pipeline2(chat_model):
     """2 pipeline stages on the numpy kernels (test_mmlu_through_the_api_equals_dllm_eval
-    says why). Launched as
-    test_a_lost_or_stalled_rank_ends_the_job_and_a_restart_serves, the last test of this
-    module, needs it: it kills a rank of it."""
+    says why), launched with the fault test's options: that test, the module's last, kills
+    one of its ranks."""
     server = Server(2, chat_model, "--parallel", "pipeline", "--kernels", "numpy",
                     "--model-name", FAULTS_MARKER, "--timeout", str(FAULTS_TIMEOUT),
                     launcher=FAULTS_LAUNCHER)
@@ -566,10 +565,10 @@ def test_pipeline_serving_equals_generate(pipeline2, numpy_reference):
     stages as plans in flight, each get exactly the tokens dllm.generate --parallel
     pipeline prints (and a tensor-parallel run's); a seeded sample, a streamed chat reply
     and echo log-probabilities as well."""
-    reference = numpy_reference
-    c = reference.config               # root's stage: half the layers, and only their KV
-    pool = 256 * (c.n_layers // 2) * c.n_kv_heads * 16 * c.head_dim * 2 * 4  # k, v float32
-    assert f"256 KV blocks of 16 per rank, {pool / 2 ** 20:.1f} MiB" in pipeline2.lines[0]
+    reference, cfg = numpy_reference, numpy_reference.config
+    # root's stage holds half the layers and only their part of the 256 blocks (k, v float32)
+    held = 256 * (cfg.n_layers // 2) * cfg.n_kv_heads * 16 * cfg.head_dim * 2 * 4
+    assert f"256 KV blocks of 16 per rank, {held / 2 ** 20:.1f} MiB" in pipeline2.lines[0]
     client = pipeline2.client()
     greedy = [ref_text(reference, p, 20) for p in PROMPTS]
     with ThreadPoolExecutor(8) as pool:
@@ -587,8 +586,8 @@ def test_pipeline_serving_equals_generate(pipeline2, numpy_reference):
         reference, None, 16, ids=ids)
     echo = client.completions.create(model="m", prompt=PROMPTS[4], max_tokens=0, echo=True,
                                      logprobs=1)
-    logits = reference.logits(reference.tokenizer.encode(PROMPTS[4], bos=True))
     ids = reference.tokenizer.encode(PROMPTS[4], bos=True)
+    logits = reference.logits(ids)
     want = [token_logprob(logits[i - 1], ids[i], 0)[0] for i in range(1, len(ids))]
     assert echo.choices[0].logprobs.token_logprobs[1:] == pytest.approx(want, abs=2e-5)
     printed = subprocess.run(
