@@ -627,11 +627,11 @@ def test_mmlu_through_the_api_equals_dllm_eval(pipeline2, numpy_reference):
     through the server give dllm.eval mmlu's log-likelihoods (evaluate.score_prompts) and
     so its choices; the continuations are the same ids as dllm.eval's choice_tokens.
 
-    Both on the numpy kernels: the server computes a prompt and its choice as one
-    sequence of forwards, dllm.eval cuts them otherwise (prefix reuse, the choice's first
-    id as a decoding step), and the fast kernels' Q8_0 activations turn the float32
-    rounding differences of the two cuts (attention's products depend on the block's
-    shape) into Q8_0 steps, about 1e-2 here; the numpy kernels keep them at float32's."""
+    The server computes a prompt and its choice as one sequence of forwards, dllm.eval
+    cuts them otherwise (prefix reuse, the choice's first id as a decoding step): both on
+    the numpy kernels, whose rounding differences between the two cuts stay at float32's
+    on every machine (the fast kernels' are none where their C GEMM runs, AVX2, but reach
+    Q8_0 steps, 1e-2, where their prefill falls back to float32 BLAS)."""
     reference = numpy_reference
     from dllm import evaluate
     if not (MMLU / "test").is_dir():
