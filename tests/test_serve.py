@@ -91,13 +91,13 @@ def greedy_alone(model, prompt, steps):
     return list(model.generate(prompt, steps, dllm.Sampler(), stop_at_eos=False))
 
 
-def drive(model, scheduler, pool):
+def drive(model, scheduler, pool, merged=False):
     """engine.run on one rank until every submitted sequence has finished."""
     while scheduler.running or scheduler.waiting:
         plan = scheduler.next_plan(idle_timeout=0)
         if plan is None:
             break
-        step = PagedStep(pool, plan.segments, model.head_kv, model.kernels)
+        step = PagedStep(pool, plan.segments, model.head_kv, model.kernels, merged)
         wants = any(kind is not None for *_, kind in plan.segments)
         scheduler.complete(plan, model.forward(plan.tokens, 0, "plan" if wants else None,
                                                step=step))
@@ -132,6 +132,26 @@ def test_batched_forward_equals_alone(model_dir, kernels, quant):
     drive(model, scheduler, pool)
     assert outputs == alone
     assert scheduler.allocator.used == 0
+
+
+def test_merged_batching_is_exact_on_the_c_kernel(model_dir):
+    """--batching fast (every row of an iteration in one product) on the fast backend with
+    the C kernel: each row's integer product and attention are its own, so sequences get
+    exactly their tokens alone here too."""
+    kf = pytest.importorskip("dllm.kernels_fast", reason="numba is not installed")
+    if kf.gemm_isa() is None:
+        pytest.skip("the C kernel dllm._gemm_q40_q80 is not built or no AVX2")
+    model = dllm.load(make_model(model_dir, "gqa", "q40"), Comm.self_comm(), sync="q80",
+                      kernels="fast", prefill_chunk=8)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 96, n).tolist() for n in (3, 11, 20, 1, 8)]
+    alone = [greedy_alone(model, p, 12) for p in prompts]
+    pool = BlockPool(2, model.shard.n_kv_heads, model.config.head_dim, 40, block_size=4)
+    scheduler = Scheduler(40, model.max_seq_len, 8, max_running=8, max_queue=8,
+                          block_size=4)
+    outputs, _ = submit(scheduler, prompts, 12)
+    drive(model, scheduler, pool, merged=True)
+    assert outputs == alone and scheduler.allocator.used == 0
 
 
 def test_preemption_gives_identical_tokens(model_dir):
