@@ -1,7 +1,7 @@
-/* Q4_0 x Q8_0 matrix-matrix product for T > 1 rows (prefill, batched serving), in integer
- * SIMD as GGML's ggml_vec_dot_q4_0_q8_0 computes each block: the one compiled C part of the
- * "fast" backend (dllm.kernels_fast calls it; docs/benchmarks.md says why numba is not enough
- * here: its loops never emit the u8 x s8 pair multiply, vpmaddubsw, that this needs).
+/* Q4_0 x Q8_0 matrix product of T >= 1 input rows (decode, prefill, batched serving), in
+ * integer SIMD as GGML's ggml_vec_dot_q4_0_q8_0 computes each block: the one compiled C part
+ * of the "fast" backend (dllm.kernels_fast calls it; docs/benchmarks.md says why numba is not
+ * enough here: its loops never emit the u8 x s8 pair multiply, vpmaddubsw, that this needs).
  *
  * Operands (all C-contiguous; shapes as dllm.kernels_fast builds them):
  *   codes   (G, nb, 16, R) uint8   code byte j of block b of each of the group's R rows

@@ -2,11 +2,11 @@
 
 - "numpy": dllm.kernels, numpy/numexpr. The reference, the fallback, and what runs where the
   optional extra is absent; x (T, n) float32 times the Q4_0 matrix dequantized in tiles.
-- "fast": dllm.kernels_fast, compiled by numba (``pip install 'dllm[fast]'``) and, for T > 1
-  rows, a C extension with AVX2 (dllm._gemm_q40_q80, built by setup.py). Q4_0 x Q8_0 in
-  integer arithmetic as GGML does it, for decoding and (where the C kernel runs) for prefill
-  and batched rows; dequantized tiles times BLAS for prefill elsewhere; weights repacked at
-  load time for SIMD, rows split over --threads.
+- "fast": dllm.kernels_fast, compiled by numba (``pip install 'dllm[fast]'``) and a C
+  extension with AVX2 (dllm._gemm_q40_q80, built by setup.py) that multiplies every Q4_0
+  product where it runs. Q4_0 x Q8_0 in integer arithmetic as GGML does it, for decoding and
+  (where the C kernel runs) for prefill and batched rows; dequantized tiles times BLAS for
+  prefill elsewhere; weights repacked at load time for SIMD, rows split over --threads.
 
 The choice: the ``kernels`` argument of dllm.load (``--kernels`` on every CLI), else the
 DLLM_KERNELS environment variable, else "fast" when numba can be imported, else "numpy".

@@ -158,18 +158,25 @@ def _q80_lanes(codes, lo, diff, offset):
         offset[b] = np.int16(-8 * total)
 
 
+def _blocks_q80(x):
+    """x (T, n) float32 -> every Q8_0 block's codes (T * nb, 32) int8 and d (T * nb,)
+    float32 before its f16 rounding, row by row as quantize_row_q8_0 does each row."""
+    T, n = x.shape
+    codes, d32 = np.empty((T * (n // 32), 32), np.int8), np.empty(T * (n // 32), np.float32)
+    _q80_codes(np.ascontiguousarray(x, np.float32).reshape(-1), codes, d32)
+    return codes, d32
+
+
 def quantize_q80(x):
     """float32 (T, n) -> Q8_0 bytes (T, n/32*34), the bytes of quant.quantize_q80 (its
-    numpy twin; GGML's quantize_row_q8_0) with the codes computed by _q80_codes."""
+    numpy twin; GGML's quantize_row_q8_0), compiled."""
     T, n = x.shape
-    nb = n // 32
-    codes, d32 = np.empty((T * nb, 32), np.int8), np.empty(T * nb, np.float32)
-    _q80_codes(np.ascontiguousarray(x, np.float32).reshape(-1), codes, d32)
-    out = np.empty((T * nb, 34), np.uint8)
+    codes, d32 = _blocks_q80(x)
+    out = np.empty((len(codes), 34), np.uint8)
     with np.errstate(over="ignore"):         # beyond the f16 range -> inf, as GGML
         out[:, :2] = d32.astype("<f2").view(np.uint8).reshape(-1, 2)
     out[:, 2:] = codes.view(np.uint8)
-    return out.reshape(T, nb * 34)
+    return out.reshape(T, n // 32 * 34)
 
 
 class Q80Input:
@@ -181,10 +188,8 @@ class Q80Input:
 
     def __init__(self, x):
         self.x = x
-        T, n = x.shape
-        nb = n // 32
-        codes, d32 = np.empty((T * nb, 32), np.int8), np.empty(T * nb, np.float32)
-        _q80_codes(np.ascontiguousarray(x, np.float32).reshape(-1), codes, d32)
+        T, nb = len(x), x.shape[1] // 32
+        codes, d32 = _blocks_q80(x)
         self.codes = codes.reshape(T, nb, 32)
         # GGML stores d as f16 and multiplies by that: round once, vectorized
         self.scale = d32.astype(np.float16).astype(np.float32).reshape(T, nb)
