@@ -19,6 +19,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .errors import DllmError
+from .sync import displacements
 
 POLL_SLEEP = 1e-4   # seconds between polls of a patient receive (recv_bytes spin=...)
 
@@ -137,7 +138,7 @@ class Comm:
         pieces = [exchange.pack(full[:, exchange.offsets[c]:exchange.offsets[c + 1]], c)
                   for c in range(self.size)]
         send_counts = [len(p) for p in pieces]
-        send_displs = np.concatenate([[0], np.cumsum(send_counts)[:-1]]).astype(int).tolist()
+        send_displs = displacements(send_counts)
         mine = T * exchange.row_bytes[self.rank]
         recv_counts = [mine] * self.size
         recv_displs = [r * mine for r in range(self.size)]
@@ -164,7 +165,7 @@ class Comm:
         sendbuf = None
         if self.is_root:
             payload = exchange.pack(x, 0)
-            sendbuf = [np.tile(payload, self.size - 1), counts, _displs(counts), MPI.BYTE]
+            sendbuf = [np.tile(payload, self.size - 1), counts, displacements(counts), MPI.BYTE]
         received = np.empty(0 if self.is_root else n, dtype=np.uint8)
         start = self._begin("Scatterv")
         self.mpi.Scatterv(sendbuf, received, root=0)
@@ -196,7 +197,7 @@ class Comm:
             sendbuf = None
         lacking = np.empty(others[self.rank], dtype=np.uint8)
         start = self._begin("Scatterv")
-        self.mpi.Scatterv([sendbuf, others, _displs(others), MPI.BYTE] if self.is_root
+        self.mpi.Scatterv([sendbuf, others, displacements(others), MPI.BYTE] if self.is_root
                           else None, lacking, root=0)
         self._count(time.perf_counter() - start, sum(others) if self.is_root else 0,
                     others[self.rank])
@@ -234,7 +235,7 @@ class Comm:
         T = local.shape[0]
         local = np.ascontiguousarray(local, dtype=np.float32)
         counts = [T * w for w in widths]
-        displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+        displs = displacements(counts)
         received = np.empty(sum(counts) if self.is_root else 0, dtype=np.float32)
         start = self._begin("Gatherv")
         self.mpi.Gatherv(local, [received, counts, displs, MPI.FLOAT] if self.is_root else None,
@@ -282,7 +283,7 @@ class Comm:
         """Start an Alltoallv of uint8 buffers: send_counts[c] bytes of sendbuf (in rank
         order) to rank c, recv_counts[c] bytes from rank c into recvbuf. Counts the bytes
         leaving and arriving from other ranks."""
-        send_displs, recv_displs = _displs(send_counts), _displs(recv_counts)
+        send_displs, recv_displs = displacements(send_counts), displacements(recv_counts)
         start = self._begin("Ialltoallv")
         request = self.mpi.Ialltoallv([sendbuf, send_counts, send_displs, MPI.BYTE],
                                       [recvbuf, recv_counts, recv_displs, MPI.BYTE])
@@ -295,7 +296,7 @@ class Comm:
         rank order in recvbuf. Bytes counted as allgather_slices counts them (a rank's payload
         once per receiver)."""
         start = self._begin("Iallgatherv")
-        request = self.mpi.Iallgatherv(sendbuf, [recvbuf, counts, _displs(counts), MPI.BYTE])
+        request = self.mpi.Iallgatherv(sendbuf, [recvbuf, counts, displacements(counts), MPI.BYTE])
         mine = counts[self.rank]
         self._count(time.perf_counter() - start, mine * (self.size - 1), sum(counts) - mine)
         return request
@@ -526,6 +527,3 @@ def ring_bytes(nbytes, size):
     ranks: 2 (size-1)/size of it, the bandwidth-optimal algorithm's traffic."""
     return 2 * (size - 1) * nbytes // size
 
-
-def _displs(counts):
-    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()

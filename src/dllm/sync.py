@@ -18,6 +18,11 @@ Q80_BLOCK_BYTES = 34
 PAYLOADS = ("q80", "f32")
 
 
+def displacements(counts):
+    """Start offsets of consecutive segments of `counts` items (MPI's displs), as ints."""
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+
+
 class SliceExchange:
     """Byte layout of one Allgatherv of per-rank slices of widths `widths` (values per row).
     quantize: the Q8_0 quantizer of the payload, quant.quantize_q80 or a kernel backend's
@@ -41,8 +46,7 @@ class SliceExchange:
         T: this runs four times per layer and token)."""
         if T not in self._counts:
             counts = [T * b for b in self.row_bytes]
-            displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
-            self._counts[T] = counts, displs
+            self._counts[T] = counts, displacements(counts)
         return self._counts[T]
 
     def pack(self, local, rank):
