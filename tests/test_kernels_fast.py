@@ -7,6 +7,7 @@ from dllm.errors import DllmError
 from dllm.quant import dequantize_q40, dequantize_q80, quantize_q40, quantize_q80
 
 kf = pytest.importorskip("dllm.kernels_fast", reason="numba is not installed (dllm[fast])")
+import numba  # noqa: E402  (installed: kernels_fast imported)
 
 
 def rng(seed=0):
@@ -61,6 +62,63 @@ def test_payload_quantizer_gives_the_bytes_of_quant_py():
     x[1, 32:64] *= 1e-6
     x[2, 64:96] = -3.0
     np.testing.assert_array_equal(kf.quantize_q80(x), quantize_q80(x))
+
+
+def test_f16_rounding_is_numpys():
+    """The payload's scale rounding (float32 -> float16 bits in numba) against numpy's
+    astype(float16) on a million random bit patterns and every 97th float32 from 2^-25
+    (below the smallest f16 subnormal) to 2^17 (beyond the largest f16)."""
+    bits = np.concatenate([rng(5).integers(0, 2 ** 32, 10 ** 6, dtype=np.uint64).astype(np.uint32),
+                           np.arange(0x33000000, 0x48000000, 97, dtype=np.uint32)])
+    values = bits.view(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = values.astype(np.float16).view(np.uint16)
+    got = np.empty_like(expected)
+
+    @numba.njit
+    def convert(bits, out):
+        for i in range(len(bits)):
+            out[i] = kf._f16_bits(bits[i])
+    convert(bits, got)
+    nan = np.isnan(values)
+    np.testing.assert_array_equal(got[~nan], expected[~nan])
+    assert np.isnan(got[nan].view(np.float16)).all()
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e-6, 1e-3, 1.0, 1e4])
+def test_input_from_the_payload_is_the_input_of_its_values(scale):
+    """Q80Input.from_q80(bytes) against Q80Input of the bytes' float32 values: Q8_0 of Q8_0
+    values gives back the same codes and scales wherever the f16 scale is not zero (where it
+    is, every product with the block is zero either way), and the same products."""
+    x = (scale * rng(6).standard_normal((3, 256))).astype(np.float32)
+    x[0, :32] = 0
+    x[1, 32:64] = np.arange(32) - 15.5
+    payload = quantize_q80(x)
+    np.testing.assert_array_equal(kf.dequantize_q80(payload), dequantize_q80(payload))
+    again, direct = kf.Q80Input(dequantize_q80(payload)), kf.Q80Input.from_q80(payload)
+    nonzero = direct.scale != 0
+    for name in ("codes", "pairs", "lo", "diff"):
+        np.testing.assert_array_equal(getattr(again, name)[nonzero], getattr(direct, name)[nonzero])
+    np.testing.assert_array_equal(again.offset[nonzero], direct.offset[nonzero])
+    np.testing.assert_array_equal(again.scale, direct.scale)
+    np.testing.assert_array_equal(again.x, direct.x)
+    w = kf.pack_q40(q40_matrix(200, 256))
+    np.testing.assert_array_equal(kf.matmul(again, w), kf.matmul(direct, w))
+    np.testing.assert_array_equal(kf.gemv_q40_q80(kf.Q80Input(again.x[:1]), w),
+                                  kf.gemv_q40_q80(kf.Q80Input.from_q80(payload[:1]), w))
+
+
+def test_float_steps_match_the_numpy_kernels():
+    """The fast backend's rmsnorm, RoPE and SwiGLU against dllm.kernels' (float32 rounding)."""
+    x = rng(7).standard_normal((3, 4, 64)).astype(np.float32)
+    weight = rng(8).standard_normal(256).astype(np.float32)
+    cos, sin = kernels.rope_tables(64, 8, 10000.0)
+    np.testing.assert_allclose(kf.rmsnorm(x.reshape(3, 256), weight, 1e-5),
+                               kernels.rmsnorm(x.reshape(3, 256), weight, 1e-5), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(kf.rope(x, cos[2:5], sin[2:5]),
+                               kernels.rope(x, cos[2:5], sin[2:5]), rtol=1e-6, atol=1e-6)
+    gate, up = 8 * x.reshape(3, 256), x.reshape(3, 256)[::-1]
+    np.testing.assert_allclose(kf.swiglu(gate, up), kernels.swiglu(gate, up), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("rows,n", [(1, 32), (7, 96), (130, 160), (300, 288), (256, 4128)])
@@ -121,15 +179,18 @@ needs_c = pytest.mark.skipif(kf.gemm_isa() is None,
 @pytest.mark.parametrize("w_scale,x_scale", [(1.0, 1.0), (4e4, 1.0), (1e-6, 3e4), (1.0, 1e-6)])
 def test_c_gemm_rows_equal_decode_bit_for_bit(rows, n, w_scale, x_scale):
     """Every row of the C kernel's product is the decode kernel's of that row alone, bit for
-    bit: odd block counts, tail groups, tiles of 4 input rows and their remainder (T = 7),
-    zero blocks and rows, f16 scales at both ends of their range."""
+    bit, and so is the C kernel's own T = 1 path (its decode loop): odd block counts, tail
+    groups, tiles of 4 input rows and their remainder (T = 7), zero blocks and rows, f16
+    scales at both ends of their range."""
     w = kf.pack_q40(q40_matrix(rows, n, scale=w_scale))
     x = (x_scale * rng(2).standard_normal((7, n))).astype(np.float32)
     x[3] = 0
     x[:, -32:] = 0
     both = kf.gemm_q40_q80(kf.Q80Input(x), w)
     for t in range(len(x)):
-        assert np.array_equal(both[t], kf.gemv_q40_q80(kf.Q80Input(x[t:t + 1]), w)[0])
+        alone = kf.gemv_q40_q80(kf.Q80Input(x[t:t + 1]), w)[0]
+        assert np.array_equal(both[t], alone)
+        assert np.array_equal(kf.gemm_q40_q80(kf.Q80Input(x[t:t + 1]), w)[0], alone)
 
 
 @needs_c

@@ -168,6 +168,17 @@ def test_preemption_gives_identical_tokens(model_dir):
     assert outputs == alone
 
 
+def test_kv_gauge_counts_the_positions_being_written():
+    """/metrics' live tokens are the positions the running sequences have written or the
+    plan in flight writes: blocks of 4 for prompts of 5 and 3 hold 12 positions for 8."""
+    scheduler = Scheduler(40, 64, 8, max_running=4, max_queue=8, block_size=4)
+    submit(scheduler, [[5, 7, 9, 11, 13], [6, 8, 10]], 4)
+    plan = scheduler.next_plan()
+    assert len(plan.tokens) == 8
+    queued, running, used, free, live = scheduler.snapshot()
+    assert (queued, running, used, free, live) == (0, 2, 3, 37, 8)
+
+
 def test_full_context_ends_as_generate_does(model_dir):
     path = make_model(model_dir, "mha", "q40")
     model = dllm.load(path, Comm.self_comm(), sync="f32", prefill_chunk=16)

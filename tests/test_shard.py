@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from dllm import backend
 from dllm.config import ModelConfig
 from dllm.errors import DllmError
 from dllm.quant import dequantize_q80, quantize_q80
@@ -92,6 +93,26 @@ def test_exchange_pack_unpack(widths, payload):
             assert np.array_equal(got, rt)
     assert sum(ex.bytes_received(r, T) for r in range(len(widths))) == \
         sum(ex.bytes_sent(r, T) for r in range(len(widths)))
+
+
+@pytest.mark.parametrize("kernels", ["numpy", "fast"])
+@pytest.mark.parametrize("widths", [[64, 32], [96], [32, 0, 64], [48, 16]])
+@pytest.mark.parametrize("T", [1, 3])
+def test_exchange_as_matmul_input(widths, T, kernels):
+    """unpack_input gives what quantize_input makes of unpack's values, also where it reads
+    the Q8_0 bytes directly (every slice whole blocks)."""
+    if kernels == "fast":
+        pytest.importorskip("numba", reason="numba is not installed (dllm[fast])")
+    codec = backend.make(kernels)
+    ex = SliceExchange(widths, "q80", codec)
+    rng = np.random.default_rng(1)
+    buffer = np.concatenate([ex.pack(rng.standard_normal((T, w)).astype(np.float32), r)
+                             for r, w in enumerate(widths)])
+    expected, got = codec.quantize_input(ex.unpack(buffer, T)), ex.unpack_input(buffer, T, codec)
+    assert type(got) is type(expected)
+    for name in ("codes", "scale", "pairs", "offset") if hasattr(got, "codes") else ():
+        np.testing.assert_array_equal(getattr(got, name), getattr(expected, name))
+    np.testing.assert_array_equal(getattr(got, "x", got), getattr(expected, "x", expected))
 
 
 def test_slice_sizes_sum_to_full_widths():

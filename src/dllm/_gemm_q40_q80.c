@@ -32,6 +32,7 @@
 
 #define CHUNK 32    /* rows per inner loop: R is a multiple */
 #define TILE 4      /* input rows per group pass: AVX2's 16 registers hold 2 x TILE sums */
+#define PREFETCH_BLOCKS 4   /* decode reads this many blocks ahead (docs/benchmarks.md) */
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
@@ -42,11 +43,18 @@
  * through once; within a block, CHUNK rows at a time. After unpacking the (lo, hi) byte pairs
  * within 128-bit lanes, sums_a holds rows 0-7 (low half) and 16-23 (high half) of the chunk,
  * sums_b rows 8-15 and 24-31. */
+static void group_avx2_t1(const uint8_t *, const uint16_t *, int, int, const int16_t *,
+                          const int16_t *, const float *, float *);
+
 __attribute__((target("avx2,f16c")))
 static void group_avx2(const uint8_t *codes, const uint16_t *scales, int R, int nb,
                        const int16_t *pairs, const int16_t *offsets, const float *x_scale,
                        int tt, float *acc)
 {
+    if (tt == 1) {
+        group_avx2_t1(codes, scales, R, nb, pairs, offsets, x_scale, acc);
+        return;
+    }
     const __m256i nibble = _mm256_set1_epi8(15);
     for (int k = 0; k < tt * R; k++) acc[k] = 0.0f;
     for (int b = 0; b < nb; b++) {
@@ -88,6 +96,58 @@ static void group_avx2(const uint8_t *codes, const uint16_t *scales, int R, int 
             }
         }
     }
+}
+
+/* T = 1 (decode, memory-bound): one input row, so the group's R / CHUNK chunks share each
+ * code byte position's input pair, the block's 16 x R code bytes are read in address order,
+ * the float sums stay in registers, and the codes PREFETCH_BLOCKS blocks ahead are asked for
+ * in advance. The same integer sums and float32 operations, in the same order, as the
+ * general path: its results are bit for bit those of group_avx2 with tt = 1 (tested). */
+__attribute__((target("avx2,f16c")))
+static void group_avx2_t1(const uint8_t *codes, const uint16_t *scales, int R, int nb,
+                          const int16_t *pairs, const int16_t *offsets, const float *x_scale,
+                          float *acc)
+{
+    const __m256i nibble = _mm256_set1_epi8(15);
+    const int chunks = R / CHUNK;
+    __m256 sum_f[4][4];
+    for (int k = 0; k < chunks; k++)
+        for (int q = 0; q < 4; q++) sum_f[k][q] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m256i sums_a[4], sums_b[4];
+        const __m256i start = _mm256_set1_epi16(offsets[b]);
+        for (int k = 0; k < chunks; k++) sums_a[k] = sums_b[k] = start;
+        const uint8_t *c = codes + (size_t)b * 16 * R;
+        if (b + PREFETCH_BLOCKS < nb)       /* the hardware prefetcher alone falls behind */
+            for (int line = 0; line < 16 * R; line += 64)
+                _mm_prefetch((const char *)(c + (size_t)PREFETCH_BLOCKS * 16 * R + line),
+                             _MM_HINT_T0);
+        for (int j = 0; j < 16; j++, c += R) {
+            const __m256i x = _mm256_set1_epi16(pairs[(size_t)b * 16 + j]);
+            for (int k = 0; k < chunks; k++) {
+                const __m256i packed = _mm256_loadu_si256((const __m256i *)(c + k * CHUNK));
+                const __m256i lo = _mm256_and_si256(packed, nibble);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
+                sums_a[k] = _mm256_add_epi16(sums_a[k], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(lo, hi), x));
+                sums_b[k] = _mm256_add_epi16(sums_b[k], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(lo, hi), x));
+            }
+        }
+        const __m256 xd = _mm256_set1_ps(x_scale[b]);
+        for (int k = 0; k < chunks; k++) {
+            const __m128i part[4] = {_mm256_castsi256_si128(sums_a[k]),
+                                     _mm256_castsi256_si128(sums_b[k]),
+                                     _mm256_extracti128_si256(sums_a[k], 1),
+                                     _mm256_extracti128_si256(sums_b[k], 1)};
+            for (int q = 0; q < 4; q++) {
+                const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(
+                    (const __m128i *)(scales + (size_t)b * R + k * CHUNK + 8 * q)));
+                const __m256 sum = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(part[q]));
+                sum_f[k][q] = _mm256_add_ps(sum_f[k][q], _mm256_mul_ps(sum, _mm256_mul_ps(d, xd)));
+            }
+        }
+    }
+    for (int k = 0; k < chunks; k++)
+        for (int q = 0; q < 4; q++) _mm256_storeu_ps(acc + k * CHUNK + 8 * q, sum_f[k][q]);
 }
 
 static int cpu_has_avx2(void)

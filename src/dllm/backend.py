@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _threads, kernels
 from .errors import DllmError
-from .quant import quantize_q80
+from .quant import dequantize_q80, quantize_q80
 from .weight_types import Matrix, weight_type
 
 KERNELS = ("numpy", "fast")
@@ -69,6 +69,18 @@ class NumpyKernels:
     def quantize_q80(self, x):
         """float32 (T, n) -> Q8_0 bytes (T, n/32*34): the Q80 sync payload (quant.py)."""
         return quantize_q80(x)
+
+    def dequantize_q80(self, payload, out=None):
+        """Q8_0 bytes (T, nb*34) -> float32 (T, nb*32) (quant.py); into `out` if given."""
+        return dequantize_q80(payload, out)
+
+    def input_from_q80(self, payload):
+        """Q8_0 bytes (T, nb*34) -> quantize_input of their float32 values."""
+        return dequantize_q80(payload)
+
+    # the float32 steps between the matmuls (dllm.kernels)
+    rmsnorm, rope, swiglu = (staticmethod(kernels.rmsnorm), staticmethod(kernels.rope),
+                             staticmethod(kernels.swiglu))
 
     def attention(self, q, k_cache, v_cache, pos, head_kv):
         """Causal attention of T query rows (kernels.attention: one batched product)."""
@@ -122,6 +134,24 @@ class FastKernels:
     def quantize_q80(self, x):
         """quant.quantize_q80's bytes, compiled (kernels_fast.quantize_q80)."""
         return self.fast.quantize_q80(x)
+
+    def dequantize_q80(self, payload, out=None):
+        """quant.dequantize_q80's values, compiled."""
+        return self.fast.dequantize_q80(payload, out)
+
+    def input_from_q80(self, payload):
+        """Q8_0 bytes (T, nb*34) -> quantize_input of their values, from the bytes
+        (kernels_fast.input_from_q80: no float32 round trip)."""
+        return self.fast.input_from_q80(payload)
+
+    def rmsnorm(self, x, weight, eps):
+        return self.fast.rmsnorm(x, weight, eps)
+
+    def rope(self, x, cos, sin):
+        return self.fast.rope(x, cos, sin)
+
+    def swiglu(self, gate, up):
+        return self.fast.swiglu(gate, up)
 
     def attention(self, q, k_cache, v_cache, pos, head_kv):
         """Causal attention, compiled, each query row over its own keys as if alone (with

@@ -119,8 +119,10 @@ class Comm:
         self.stats.calls += 1
 
     # --- activations -------------------------------------------------------------------
-    def allgather_slices(self, local, exchange, out=None):
-        """Every rank passes its (T, width) float32 slice; every rank gets (T, total)."""
+    def allgather_slices(self, local, exchange, out=None, as_input=None):
+        """Every rank passes its (T, width) float32 slice; every rank gets (T, total)
+        float32, or, given as_input (a kernels object), that kernels' matmul input of it
+        (exchange.unpack_input)."""
         T = local.shape[0]
         sendbuf = exchange.pack(local, self.rank)
         counts, displs = exchange.counts(T)
@@ -129,6 +131,8 @@ class Comm:
         self.mpi.Allgatherv(sendbuf, [received, counts, displs, MPI.BYTE])
         self._count(time.perf_counter() - start,
                     exchange.bytes_sent(self.rank, T), exchange.bytes_received(self.rank, T))
+        if as_input is not None:
+            return exchange.unpack_input(received, T, as_input)
         return exchange.unpack(received, T, out)
 
     def alltoall_chunks(self, full, exchange):
@@ -150,7 +154,7 @@ class Comm:
         self._count(time.perf_counter() - start, sum(send_counts) - send_counts[self.rank],
                     mine * (self.size - 1))
         width = exchange.widths[self.rank]
-        one = type(exchange)([width] * self.size, exchange.payload)
+        one = type(exchange)([width] * self.size, exchange.payload, exchange.codec)
         return one.unpack(received, T).reshape(T, self.size, width).transpose(1, 0, 2)
 
     # --- the star around root (scheme "star": Distributed Llama 0.1) -----------------

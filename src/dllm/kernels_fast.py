@@ -146,8 +146,9 @@ def _q80_codes(x, codes, d32):
 
 @njit(nogil=True, cache=True)
 def _q80_lanes(codes, lo, diff, offset):
-    """The int16 operands of the block dot product (module docstring): lo = q_j,
-    diff = q_{j+16} - 16 q_j (j < 16) and offset = -8 sum(q) mod 2^16, per block."""
+    """The int16 operands of the numba decode kernel's block dot product (module
+    docstring): lo = q_j, diff = q_{j+16} - 16 q_j (j < 16) and offset = -8 sum(q) mod 2^16,
+    per block."""
     for b in range(codes.shape[0]):
         total = 0
         for j in range(16):
@@ -158,51 +159,172 @@ def _q80_lanes(codes, lo, diff, offset):
         offset[b] = np.int16(-8 * total)
 
 
-def _blocks_q80(x):
-    """x (T, n) float32 -> every Q8_0 block's codes (T * nb, 32) int8 and d (T * nb,)
-    float32 before its f16 rounding, row by row as quantize_row_q8_0 does each row."""
-    T, n = x.shape
-    codes, d32 = np.empty((T * (n // 32), 32), np.int8), np.empty(T * (n // 32), np.float32)
-    _q80_codes(np.ascontiguousarray(x, np.float32).reshape(-1), codes, d32)
-    return codes, d32
+@njit(nogil=True, cache=True)
+def _q80_pairs(codes, pairs, offset):
+    """The C kernel's operands of blocks codes (nb, 32) int8: pairs[b, j] = the codes j and
+    j + 16 of block b as the low and high byte of an int16, offset[b] = -8 sum(q) mod 2^16."""
+    for b in range(codes.shape[0]):
+        total = 0
+        for j in range(16):
+            a, c = np.int32(codes[b, j]), np.int32(codes[b, j + 16])
+            pairs[b, j] = np.int16(np.uint16(a & 0xFF) | np.uint16((c & 0xFF) << 8))
+            total += a + c
+        offset[b] = np.int16(-8 * total)
+
+
+@njit(nogil=True, cache=True)
+def _f16_bits(f32_bits):
+    """float32 bits (as uint32) -> the bits of the nearest float16 (ties to even; beyond
+    the f16 range -> inf, NaN stays NaN), as numpy's astype(float16) rounds."""
+    sign = (f32_bits >> 16) & 0x8000
+    exponent = np.int32((f32_bits >> 23) & 0xFF)
+    mantissa = f32_bits & 0x7FFFFF
+    if exponent == 0xFF:
+        return np.uint16(sign | 0x7C00 | (0x200 if mantissa else 0))
+    e = exponent - 127 + 15
+    if e >= 0x1F:
+        return np.uint16(sign | 0x7C00)
+    if e <= 0:                               # an f16 subnormal, or zero
+        if e < -10:
+            return np.uint16(sign)
+        mantissa |= 0x800000
+        shift = np.uint32(14 - e)
+        half = mantissa >> shift
+        rest, halfway = mantissa & ((np.uint32(1) << shift) - 1), np.uint32(1) << (shift - 1)
+    else:
+        half = (np.uint32(e) << 10) | (mantissa >> 13)
+        rest, halfway = mantissa & 0x1FFF, np.uint32(0x1000)
+    if rest > halfway or (rest == halfway and (half & 1)):
+        half += 1                            # a carry into the exponent is still right
+    return np.uint16(sign | half)
+
+
+@njit(nogil=True, cache=True)
+def _q80_payload(x, out):
+    """x (T, nb*32) float32 -> out (T, nb*34) uint8, quant.quantize_q80's bytes."""
+    T, nb = x.shape[0], x.shape[1] // 32
+    codes = np.empty((nb, 32), np.int8)
+    d32 = np.empty(nb, np.float32)
+    for t in range(T):
+        _q80_codes(x[t], codes, d32)
+        bits = d32.view(np.uint32)
+        for b in range(nb):
+            o = b * 34
+            h = _f16_bits(bits[b])
+            out[t, o], out[t, o + 1] = np.uint8(h & 0xFF), np.uint8(h >> 8)
+            for j in range(32):
+                out[t, o + 2 + j] = np.uint8(codes[b, j] & 0xFF)
 
 
 def quantize_q80(x):
     """float32 (T, n) -> Q8_0 bytes (T, n/32*34), the bytes of quant.quantize_q80 (its
     numpy twin; GGML's quantize_row_q8_0), compiled."""
     T, n = x.shape
-    codes, d32 = _blocks_q80(x)
-    out = np.empty((len(codes), 34), np.uint8)
-    with np.errstate(over="ignore"):         # beyond the f16 range -> inf, as GGML
-        out[:, :2] = d32.astype("<f2").view(np.uint8).reshape(-1, 2)
-    out[:, 2:] = codes.view(np.uint8)
-    return out.reshape(T, n // 32 * 34)
+    out = np.empty((T, n // 32 * 34), np.uint8)
+    _q80_payload(np.ascontiguousarray(x, np.float32), out)
+    return out
+
+
+@njit(nogil=True, cache=True)
+def _dequantize_q80_rows(payload, out):
+    """payload (T, nb*34) uint8 Q8_0 rows -> out (T, nb*32) float32 (any strides): d * q."""
+    T, nb = payload.shape[0], payload.shape[1] // 34
+    for t in range(T):
+        for b in range(nb):
+            o = b * 34
+            d = F16_TO_F32[np.int32(payload[t, o]) | (np.int32(payload[t, o + 1]) << 8)]
+            for j in range(32):
+                out[t, b * 32 + j] = d * np.float32(np.int8(payload[t, o + 2 + j]))
+
+
+def dequantize_q80(payload, out=None):
+    """Q8_0 bytes (T, nb*34) -> float32 (T, nb*32), quant.dequantize_q80's values (its
+    numpy twin), compiled; `out`, if given, a float32 (T, nb*32) array (a view is fine)."""
+    if out is None:
+        out = np.empty((payload.shape[0], payload.shape[1] // 34 * 32), np.float32)
+    _dequantize_q80_rows(payload, out)
+    return out
+
+
+@njit(nogil=True, cache=True)
+def _q80_operands(x, codes, scale, pairs, offset):
+    """x (T, nb*32) float32 -> codes (T, nb, 32) int8 and scale (T, nb) float32 (the
+    f16-rounded d) as quantize_row_q8_0 makes them, and the C kernel's pairs and offset."""
+    T, nb = scale.shape
+    d32 = np.empty(nb, np.float32)
+    for t in range(T):
+        _q80_codes(x[t], codes[t], d32)
+        bits = d32.view(np.uint32)
+        for b in range(nb):
+            scale[t, b] = F16_TO_F32[_f16_bits(bits[b])]
+        _q80_pairs(codes[t], pairs[t], offset[t])
+
+
+@njit(nogil=True, cache=True)
+def _q80_payload_operands(payload, codes, scale, pairs, offset):
+    """Q8_0 bytes (T, nb*34) -> the same operands as _q80_operands, read from the bytes."""
+    T, nb = scale.shape
+    for t in range(T):
+        for b in range(nb):
+            o = b * 34
+            scale[t, b] = F16_TO_F32[np.int32(payload[t, o]) | (np.int32(payload[t, o + 1]) << 8)]
+            for j in range(32):
+                codes[t, b, j] = np.int8(payload[t, o + 2 + j])
+        _q80_pairs(codes[t], pairs[t], offset[t])
 
 
 class Q80Input:
     """A (T, n) matmul input as Q8_0, each row exactly as quantize_row_q8_0 quantizes it
-    alone, in the operands the kernels read (nb = n / 32 blocks per row); x kept too:
-    codes (T, nb, 32) int8, scale (T, nb) float32 (the f16-rounded d), for the decode kernel
-    lo, diff (T, nb, 16) and offset (T, nb) int16 (module docstring), and for the C kernel
-    pairs (T, nb, 16) int16: the codes j and j + 16 of a block as the low and high byte."""
+    alone, in the operands the kernels read (nb = n / 32 blocks per row): codes (T, nb, 32)
+    int8, scale (T, nb) float32 (the f16-rounded d); for the C kernel pairs (T, nb, 16)
+    int16 (the codes j and j + 16 of a block as the low and high byte) and offset (T, nb)
+    int16; for the numba decode kernel lo, diff (T, nb, 16) int16 (module docstring),
+    computed when first read; x (T, n) float32, the input itself (from_q80: its values)."""
 
-    def __init__(self, x):
-        self.x = x
-        T, nb = len(x), x.shape[1] // 32
-        codes, d32 = _blocks_q80(x)
-        self.codes = codes.reshape(T, nb, 32)
-        # GGML stores d as f16 and multiplies by that: round once, vectorized
-        self.scale = d32.astype(np.float16).astype(np.float32).reshape(T, nb)
-        lo, diff = np.empty((T * nb, 16), np.int16), np.empty((T * nb, 16), np.int16)
-        offset = np.empty(T * nb, np.int16)
-        _q80_lanes(codes, lo, diff, offset)
-        self.lo, self.diff = lo.reshape(T, nb, 16), diff.reshape(T, nb, 16)
-        self.offset = offset.reshape(T, nb)
-        self.pairs = np.stack([self.codes[..., :16], self.codes[..., 16:]], -1).view(
-            np.int16)[..., 0]
+    def __init__(self, x, payload=None):
+        source = x if payload is None else payload
+        T, nb = len(source), (x.shape[1] // 32 if payload is None else payload.shape[1] // 34)
+        self.codes, self.scale = np.empty((T, nb, 32), np.int8), np.empty((T, nb), np.float32)
+        self.pairs, self.offset = np.empty((T, nb, 16), np.int16), np.empty((T, nb), np.int16)
+        operands = self.codes, self.scale, self.pairs, self.offset
+        if payload is None:
+            _q80_operands(np.ascontiguousarray(x, np.float32), *operands)
+        else:
+            _q80_payload_operands(payload, *operands)
+        self._x, self._payload, self._lo, self._diff = x, payload, None, None
+
+    @classmethod
+    def from_q80(cls, payload):
+        """Q8_0 bytes (T, nb*34) uint8 -> the Q80Input of their values: what Q80Input of
+        dequantize_q80(payload) holds (Q8_0 of Q8_0 values gives back their bytes: tested),
+        without the float32 round trip."""
+        return cls(None, payload)
+
+    @property
+    def x(self):
+        if self._x is None:
+            self._x = dequantize_q80(self._payload)
+        return self._x
+
+    @property
+    def lo(self):
+        self._lanes()
+        return self._lo
+
+    @property
+    def diff(self):
+        self._lanes()
+        return self._diff
+
+    def _lanes(self):
+        if self._lo is None:
+            T, nb = self.scale.shape
+            lo, diff = np.empty((T * nb, 16), np.int16), np.empty((T * nb, 16), np.int16)
+            _q80_lanes(self.codes.reshape(T * nb, 32), lo, diff, np.empty(T * nb, np.int16))
+            self._lo, self._diff = lo.reshape(T, nb, 16), diff.reshape(T, nb, 16)
 
     def __len__(self):
-        return len(self.x)
+        return len(self.scale)
 
 
 def quantize_input(x):
@@ -213,6 +335,67 @@ def quantize_input(x):
     if x.shape[1] % 32 or not len(x) or (len(x) > 1 and gemm_isa() is None):
         return x
     return Q80Input(x)
+
+
+def input_from_q80(payload):
+    """Q8_0 bytes (T, nb*34) -> what quantize_input makes of their float32 values, from the
+    bytes themselves (Q80Input.from_q80) wherever quantize_input would quantize."""
+    if not len(payload) or (len(payload) > 1 and gemm_isa() is None):
+        return dequantize_q80(payload)
+    return Q80Input.from_q80(payload)
+
+
+# --- the float32 steps between the matmuls ------------------------------------------------
+
+@njit(nogil=True, cache=True)
+def _rmsnorm_rows(x, weight, eps, out):
+    T, d = x.shape
+    for t in range(T):
+        total = 0.0                          # float64: one sum per row, in order
+        for i in range(d):
+            total += np.float64(x[t, i]) * np.float64(x[t, i])
+        inv = np.float32(1.0) / np.float32(math.sqrt(np.float32(total / d) + eps))
+        for i in range(d):
+            out[t, i] = (x[t, i] * inv) * weight[i]
+
+
+def rmsnorm(x, weight, eps):
+    """kernels.rmsnorm, compiled, row by row (the sum of squares in float64)."""
+    out = np.empty(x.shape, np.float32)
+    _rmsnorm_rows(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(weight, np.float32),
+                  np.float32(eps), out)
+    return out
+
+
+def swiglu(gate, up):
+    """kernels.swiglu (silu(gate) * up, float32) in place of one temporary: numpy's float32
+    exp is vectorized, which numba's scalar exp is not."""
+    out = np.exp(-gate)
+    out += np.float32(1.0)
+    np.divide(gate, out, out=out)
+    out *= up
+    return out
+
+
+@njit(nogil=True, cache=True)
+def _rope_rows(x, cos, sin, out):
+    T, H, hd = x.shape
+    for t in range(T):
+        for h in range(H):
+            for i in range(hd // 2):
+                even, odd = x[t, h, 2 * i], x[t, h, 2 * i + 1]
+                c, s = cos[t, i], sin[t, i]
+                out[t, h, 2 * i] = even * c - odd * s
+                out[t, h, 2 * i + 1] = even * s + odd * c
+
+
+def rope(x, cos, sin):
+    """kernels.rope (interleaved pairs; x (T, heads, head_dim), cos, sin (T, head_dim/2)),
+    compiled: the same float32 operations."""
+    out = np.empty(x.shape, np.float32)
+    _rope_rows(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(cos, np.float32),
+               np.ascontiguousarray(sin, np.float32), out)
+    return out
 
 
 # --- decode: Q4_0 x Q8_0 matrix-vector ----------------------------------------------------
@@ -562,6 +745,9 @@ def warm_up(threads=1):
     matmul_rows(Q80Input(np.ones((2, 32), np.float32)), w, threads)
     cache = np.zeros((1, 2, 32), np.float32)
     attention(np.ones((1, 1, 32), np.float32), cache, cache, 0, np.zeros(1, np.int64))
+    row = np.ones((1, 32), np.float32)
+    Q80Input.from_q80(quantize_q80(row)).lo, rmsnorm(row, row[0], 1e-5), swiglu(row, row)
+    rope(row.reshape(1, 1, 32), row[:, :16], row[:, :16])
 
 
 def set_threads(n):

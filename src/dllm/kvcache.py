@@ -186,6 +186,8 @@ class RowSegments:
 
     def __init__(self, kernels, lengths):
         self.base, self.name, self.attention = kernels, kernels.name, kernels.attention
+        # row by row whatever T is: the backend's own
+        self.rmsnorm, self.rope, self.swiglu = kernels.rmsnorm, kernels.rope, kernels.swiglu
         starts = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
         self.singles = np.asarray([a for a, n in zip(starts, lengths) if n == 1], np.int64)
         self.blocks = [(a, a + n) for a, n in zip(starts, lengths) if n > 1]
@@ -194,6 +196,10 @@ class RowSegments:
     def quantize_input(self, x):
         singles = self.base.quantize_rows(x[self.singles]) if len(self.singles) else None
         return singles, [self.base.quantize_input(x[a:b]) for a, b in self.blocks]
+
+    def input_from_q80(self, payload):
+        """Q8_0 bytes (T, nb*34) -> quantize_input of their values."""
+        return self.quantize_input(self.base.dequantize_q80(payload))
 
     def matmul(self, x, w):
         singles, blocks = x

@@ -35,7 +35,7 @@ import numpy as np
 
 from .backend import make as make_kernels
 from .errors import DllmError
-from .kernels import rmsnorm, rope, rope_tables, swiglu
+from .kernels import rope_tables
 from .kvcache import ContiguousStep
 from .modelfile import LAYER_MATRICES, NORMS
 from .shard import slice_sizes
@@ -81,7 +81,7 @@ class Model:
         self.layer_range = layer_range or (0, config.n_layers)
         self.layers = [{name: weights[f"layers/{i}/{name}"] for name in LAYER_MATRICES + NORMS}
                        for i in range(*self.layer_range)]
-        q80 = self.kernels.quantize_q80       # the payload's quantizer (the same bytes)
+        q80 = self.kernels                    # the payload's Q8_0 codec (the same bytes)
         self.exchange_attention = SliceExchange(slice_sizes(shards, "attention"), sync, q80)
         self.exchange_dim = SliceExchange(slice_sizes(shards, "dim"), sync, q80)
         self.exchange_hidden = SliceExchange(slice_sizes(shards, "hidden"), sync, q80)
@@ -151,26 +151,28 @@ class Model:
                 x = self.star_layer(x, w, layer, step, cos, sin)
                 continue
             # attention block: this rank's query heads and the kv heads they read
-            xb = kernels.quantize_input(rmsnorm(x, w["attention_norm"], eps))
-            q = rope(mm(xb, w["wq"]).reshape(T, shard.n_heads, hd), cos, sin)
-            k = rope(mm(xb, w["wk"]).reshape(T, shard.n_kv_heads, hd), cos, sin)
+            xb = kernels.quantize_input(kernels.rmsnorm(x, w["attention_norm"], eps))
+            q = kernels.rope(mm(xb, w["wq"]).reshape(T, shard.n_heads, hd), cos, sin)
+            k = kernels.rope(mm(xb, w["wk"]).reshape(T, shard.n_kv_heads, hd), cos, sin)
             v = mm(xb, w["wv"]).reshape(T, shard.n_kv_heads, hd)
             step.write(layer, k, v)                                    # into the KV cache
             att = step.attend(layer, q)                                # (T, local heads * hd)
             if not shard.row_parallel:     # "slices"
-                att = group.allgather_slices(att, self.exchange_attention)  # Allgather -> (T, dim)
-                o = mm(kernels.quantize_input(att), w["wo"])                # (T, local dim rows)
+                att = group.allgather_slices(att, self.exchange_attention,
+                                             as_input=kernels)       # Allgather -> (T, dim)
+                o = mm(att, w["wo"])                                        # (T, local dim rows)
                 x = x + group.allgather_slices(o, self.exchange_dim)        # Allgather; residual
             else:  # wo row-parallel: this rank's heads are its input columns
                 o = mm(kernels.quantize_input(att), w["wo"])                # (T, dim) partial
                 x = x + self.sum_partials(o)                                # (T, dim); residual
 
             # feed-forward block: this rank's hidden units
-            xb = kernels.quantize_input(rmsnorm(x, w["ffn_norm"], eps))
-            h = swiglu(mm(xb, w["w1"]), mm(xb, w["w3"]))                # (T, local hidden)
+            xb = kernels.quantize_input(kernels.rmsnorm(x, w["ffn_norm"], eps))
+            h = kernels.swiglu(mm(xb, w["w1"]), mm(xb, w["w3"]))        # (T, local hidden)
             if not shard.row_parallel:     # "slices"
-                h = group.allgather_slices(h, self.exchange_hidden)     # Allgather -> (T, hidden)
-                f = mm(kernels.quantize_input(h), w["w2"])              # (T, local dim rows)
+                h = group.allgather_slices(h, self.exchange_hidden,
+                                           as_input=kernels)         # Allgather -> (T, hidden)
+                f = mm(h, w["w2"])                                      # (T, local dim rows)
                 x = x + group.allgather_slices(f, self.exchange_dim)    # Allgather; residual
             else:  # w2 row-parallel: this rank's hidden units are its input columns
                 f = mm(kernels.quantize_input(h), w["w2"])              # (T, dim) partial
@@ -189,10 +191,10 @@ class Model:
         T, hd, root = len(x), c.head_dim, self.group.is_root
         kernels, mm = step.kernels, step.kernels.matmul
         # attention block: root's normalized x out, every rank's q, k, v rows in
-        xn = rmsnorm(x, w["attention_norm"], eps) if root else None
+        xn = kernels.rmsnorm(x, w["attention_norm"], eps) if root else None
         xb = kernels.quantize_input(group.bcast_rows(xn, self.exchange_root, T))  # root ->
-        q = rope(mm(xb, w["wq"]).reshape(T, shard.n_heads, hd), cos, sin)
-        k = rope(mm(xb, w["wk"]).reshape(T, shard.n_kv_heads, hd), cos, sin)
+        q = kernels.rope(mm(xb, w["wq"]).reshape(T, shard.n_heads, hd), cos, sin)
+        k = kernels.rope(mm(xb, w["wk"]).reshape(T, shard.n_kv_heads, hd), cos, sin)
         q = group.gather_slices(q.reshape(T, -1), self.exchange_attention)   # Gatherv -> root
         k = group.gather_slices(k.reshape(T, -1), self.exchange_kv)          # Gatherv -> root
         v = group.gather_slices(mm(xb, w["wv"]), self.exchange_kv)           # Gatherv -> root
@@ -206,9 +208,9 @@ class Model:
         x = x + o if root else x                                             # residual
 
         # feed-forward block: root's normalized x out, the hidden slices relayed by root
-        xn = rmsnorm(x, w["ffn_norm"], eps) if root else None
+        xn = kernels.rmsnorm(x, w["ffn_norm"], eps) if root else None
         xb = kernels.quantize_input(group.bcast_rows(xn, self.exchange_root, T))  # root ->
-        h = swiglu(mm(xb, w["w1"]), mm(xb, w["w3"]))                         # (T, local hidden)
+        h = kernels.swiglu(mm(xb, w["w1"]), mm(xb, w["w3"]))                 # (T, local hidden)
         h = group.allgather_through_root(h, self.exchange_hidden)  # -> root -> (T, hidden)
         f = mm(kernels.quantize_input(h), w["w2"])                           # (T, local dim rows)
         f = group.gather_slices(f, self.exchange_dim)                        # Gatherv -> root
@@ -222,7 +224,7 @@ class Model:
         kernels = kernels or self.kernels
         if self.scheme == "star" and not self.group.is_root:
             return None
-        final = rmsnorm(x, self.weights["norm"], self.config.norm_eps)
+        final = kernels.rmsnorm(x, self.weights["norm"], self.config.norm_eps)
         local_logits = kernels.matmul(kernels.quantize_input(final),
                                       self.weights["output"])            # (R, local vocab)
         if self.scheme == "star":

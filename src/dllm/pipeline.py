@@ -105,7 +105,7 @@ class PipelineModel(Model):
                          tokenizer=tokenizer, path=path, kernels=kernels,
                          group=Comm.self_comm(), layer_range=stages[comm.rank])
         self.scheme, self.stages, self.profile = "pipeline", list(stages), profile
-        self.payload = SliceExchange([config.dim], sync, self.kernels.quantize_q80)  # one row of x
+        self.payload = SliceExchange([config.dim], sync, self.kernels)  # one row of x
         self.row_bytes = self.payload.row_bytes[0]
         self.next_rank, self.prev_rank = (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
         self.is_last = comm.rank == comm.size - 1

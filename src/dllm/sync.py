@@ -25,14 +25,17 @@ def displacements(counts):
 
 class SliceExchange:
     """Byte layout of one Allgatherv of per-rank slices of widths `widths` (values per row).
-    quantize: the Q8_0 quantizer of the payload, quant.quantize_q80 or a kernel backend's
-    compiled twin of it (the same bytes, tested)."""
+    codec: the kernels backend (dllm.backend) whose quantize_q80 / dequantize_q80 code the
+    Q8_0 payload (compiled twins give quant.py's bytes and values, tested); None: quant.py's
+    numpy functions."""
 
-    def __init__(self, widths, payload, quantize=quantize_q80):
+    def __init__(self, widths, payload, codec=None):
         if payload not in PAYLOADS:
             raise ValueError(f"unknown sync payload {payload!r}; use one of {PAYLOADS}")
         self.widths = [int(w) for w in widths]
-        self.payload, self.quantize = payload, quantize
+        self.payload, self.codec = payload, codec
+        self.quantize = codec.quantize_q80 if codec else quantize_q80
+        self.dequantize = codec.dequantize_q80 if codec else dequantize_q80
         self._counts = {}
         self.offsets = np.concatenate([[0], np.cumsum(self.widths)]).astype(int).tolist()
         self.total = self.offsets[-1]
@@ -40,6 +43,8 @@ class SliceExchange:
             self.row_bytes = [-(-w // BLOCK) * Q80_BLOCK_BYTES for w in self.widths]
         else:
             self.row_bytes = [w * 4 for w in self.widths]
+        # every slice whole Q8_0 blocks: the payload's blocks are the activation's own
+        self.whole_blocks = payload == "q80" and all(w % BLOCK == 0 for w in self.widths)
 
     def counts(self, T):
         """Per-rank byte counts and displacements for a block of T rows (computed once per
@@ -73,10 +78,24 @@ class SliceExchange:
             if self.payload == "f32":
                 dest[...] = segment.view(np.float32)
             elif width % BLOCK == 0:
-                dequantize_q80(segment, out=dest)
+                self.dequantize(segment, out=dest)
             else:
-                dest[...] = dequantize_q80(segment)[:, :width]
+                dest[...] = self.dequantize(segment)[:, :width]
         return out
+
+    def unpack_input(self, received, T, kernels):
+        """Flat buffer of every rank's payload -> the matmul input of the (T, total)
+        activation for `kernels` (a backend, or a kvcache step's): what
+        kernels.quantize_input(unpack(received, T)) gives. Where every slice is whole Q8_0
+        blocks, quantizing the received values again would give back the received bytes
+        (Q8_0 of Q8_0 values is the identity: tested), so kernels.input_from_q80 makes the
+        input from the bytes, without the float32 round trip."""
+        if not self.whole_blocks:
+            return kernels.quantize_input(self.unpack(received, T))
+        counts, displs = self.counts(T)
+        rows = [received[displs[r]:displs[r] + counts[r]].reshape(T, self.row_bytes[r])
+                for r, width in enumerate(self.widths) if width]
+        return kernels.input_from_q80(rows[0] if len(rows) == 1 else np.hstack(rows))
 
     def bytes_received(self, rank, T=1):
         """Payload bytes `rank` receives from the others for T rows."""

@@ -19,6 +19,7 @@ from ..cli import (ArgumentParser, add_engine_options, add_fault_options, entry,
                    model_loaded, run, use_fault_options)
 from ..checks import check_paths
 from ..errors import DllmError
+from ..kvcache import BLOCK_SIZE
 
 PROG = "dllm.serve"
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -51,8 +52,11 @@ def build_parser(is_root=True):
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting at most; more are answered 429 (default 64)")
     p.add_argument("--kv-blocks", type=int, default=None,
-                   help="KV cache blocks of 16 positions per rank (default: --max-running "
-                        "whole contexts, or what --kv-memory holds)")
+                   help="KV cache blocks per rank (default: --max-running whole contexts, "
+                        "or what --kv-memory holds)")
+    p.add_argument("--kv-block-size", type=int, default=BLOCK_SIZE, metavar="POSITIONS",
+                   help=f"positions per KV cache block (default {BLOCK_SIZE}, as vLLM's; "
+                        "smaller blocks waste less of the last block of each sequence)")
     p.add_argument("--kv-memory", type=memory_size, default=None, metavar="SIZE",
                    help="KV cache memory per rank, e.g. 512M (instead of --kv-blocks)")
     p.add_argument("--prefill-tokens", type=int, default=None,
@@ -79,11 +83,13 @@ def _main(comm, argv):
     comm.from_root(check_paths, args)
     if args.kv_blocks is not None and args.kv_memory is not None:
         raise DllmError("give --kv-blocks or --kv-memory, not both")
+    if args.kv_block_size < 1:
+        raise DllmError(f"--kv-block-size must be at least 1, got {args.kv_block_size}")
     use_fault_options(comm, args)
     model = load_model(comm, args)
     comm.from_root(require_tokenizer, model)
     pool = comm.agree(engine.make_pool, comm, model, args.kv_blocks, args.kv_memory,
-                      args.max_running)
+                      args.max_running, args.kv_block_size)
     scheduler = comm.root_only(start_server, args, model, pool)
     model_loaded(comm)
     serve = stages.run if args.parallel == "pipeline" else engine.run
@@ -107,7 +113,7 @@ def start_server(args, model, pool):
     except ImportError:
         raise DllmError("dllm.serve needs its extra: pip install 'dllm[serve]'") from None
     path = Path(args.model) if args.model else None
-    metrics = Metrics()
+    metrics = Metrics(pool.block_size)
     scheduler = Scheduler(pool.n_blocks, model.max_seq_len, model.prefill_chunk,
                           args.max_running, args.max_queue, args.prefill_tokens,
                           block_size=pool.block_size,

@@ -103,7 +103,9 @@ def run_level(url, concurrency, n_requests, max_tokens, api_key):
             "ttft_p99_ms": 1e3 * float(np.percentile(ttft, 99)),
             "itl_p50_ms": 1e3 * float(np.percentile(itl, 50)) if itl else None,
             "itl_p99_ms": 1e3 * float(np.percentile(itl, 99)) if itl else None,
-            "kv_held_per_live": (round(float(np.mean([h / live for h, live in kv if live])), 3)
+            # sum over the samples (every 0.25 s) of positions held / of positions written:
+            # the KV memory held over the level against what its live tokens needed
+            "kv_held_per_live": (round(sum(h for h, _ in kv) / sum(live for _, live in kv), 3)
                                  if held else None)}
 
 
@@ -148,7 +150,7 @@ def sample_kv(url, api_key, stop, out, period=0.25):
                       if line.startswith("dllm_kv_") and " " in line)
         used = float(values.get("dllm_kv_blocks_used", 0))
         live = float(values.get("dllm_kv_live_tokens", 0))
-        out.append((used * 16, live))
+        out.append((used * float(values.get("dllm_kv_block_size", 16)), live))
 
 
 def plot(rows, path):

@@ -54,6 +54,8 @@ class Sequence:
     id: int = 0
     generated: list = field(default_factory=list)
     computed: int = 0             # positions in the KV cache
+    reserved: int = 0             # positions written or being written (computed + rows
+                                  # of the plan in flight): what its blocks must hold
     table: list = field(default_factory=list)
     cancelled: bool = False
     finished: bool = False
@@ -106,9 +108,10 @@ class Scheduler:
             self.lock.notify()
 
     def snapshot(self):
-        """(queued, running, blocks used, blocks free, live tokens) for /metrics."""
+        """(queued, running, blocks used, blocks free, live tokens: the positions the
+        running sequences have written or are writing) for /metrics."""
         with self.lock:
-            live = sum(s.computed for s in self.running)
+            live = sum(s.reserved for s in self.running)
             return (len(self.waiting), len(self.running), self.allocator.used,
                     len(self.allocator.free), live)
 
@@ -159,7 +162,7 @@ class Scheduler:
         """Free seq's blocks and queue it first: it is recomputed when there is room."""
         self.running.remove(seq)
         self.allocator.release(seq.table)
-        seq.computed = 0
+        seq.computed = seq.reserved = 0
         self.waiting.appendleft(seq)
         if self.metrics is not None:
             self.metrics.preemptions += 1
@@ -185,6 +188,7 @@ class Scheduler:
                     break
             if seq not in self.running:
                 continue
+            seq.reserved = start + n
             tokens += seq.tokens[start:start + n]
             segments.append((list(seq.table), start, n, logits))
             seq_ids.append(seq.id)
