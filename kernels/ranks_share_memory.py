@@ -11,7 +11,8 @@ the same on every rank at once;
 and the same for a float32 triad (STREAM) over 128 MB arrays. The ratio (b)/(a) is what
 sharing the host costs each rank: 1.0 on separate machines; on a host whose memory system
 two cores saturate it is well above 1, and N ranks can then decode at most N / ratio times
-faster than one. Root prints per-rank times (min over rounds) and the ratios.
+faster than one. Root prints per-rank times (min and median over all timed passes) and the
+ratios.
 """
 import argparse
 import time
@@ -24,13 +25,14 @@ from dllm.quant import quantize_q40
 
 
 def timed(fn, repeats=5):
+    """Seconds of each of `repeats` calls of fn, after one untimed call."""
     fn()
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def main():
@@ -53,26 +55,28 @@ def main():
         np.add(c, a, out=c)
 
     kernels = {"matvecs": lambda: [kf.matmul(x, w) for w in ws], "triad": triad}
-    alone = {k: float("inf") for k in kernels}
-    together = dict(alone)
+    alone = {k: [] for k in kernels}
+    together = {k: [] for k in kernels}
     for _ in range(args.rounds):
         for name, fn in kernels.items():
             for r in range(n):              # one rank at a time, the others wait
                 comm.mpi.Barrier()
                 if r == rank:
-                    alone[name] = min(alone[name], timed(fn))
+                    alone[name] += timed(fn)
             comm.mpi.Barrier()              # every rank at once
-            together[name] = min(together[name], timed(fn))
+            together[name] += timed(fn)
     gathered = comm.gather((alone, together))
     if comm.is_root:
         print(f"{n} rank(s); per rank: 16 w1 slices of {rows} x 4096 Q4_0 "
-              f"({sum(w.nbytes for w in ws) / 1e6:.0f} MB), triad over 3 x 128 MB")
+              f"({sum(w.nbytes for w in ws) / 1e6:.0f} MB), triad over 3 x 128 MB; "
+              f"ms per pass, min and median of {args.rounds * 5} per rank")
         for name in kernels:
-            ratios = [t[name] / a[name] for a, t in gathered]
-            print(f"{name:7s} alone ms {' '.join(f'{a[name] * 1e3:7.2f}' for a, _ in gathered)}"
-                  f" | together ms {' '.join(f'{t[name] * 1e3:7.2f}' for _, t in gathered)}"
-                  f" | together / alone {' '.join(f'{q:.2f}' for q in ratios)}")
-
+            for stat, f in (("min", np.min), ("median", np.median)):
+                a_ms = [f(a[name]) * 1e3 for a, _ in gathered]
+                t_ms = [f(t[name]) * 1e3 for _, t in gathered]
+                print(f"{name:7s} {stat:6s} alone {' '.join(f'{v:7.2f}' for v in a_ms)}"
+                      f" | together {' '.join(f'{v:7.2f}' for v in t_ms)}"
+                      f" | together / alone {' '.join(f'{t / a:.2f}' for a, t in zip(a_ms, t_ms))}")
 
 if __name__ == "__main__":
     main()

@@ -278,3 +278,13 @@ def test_attention_matches_reference_and_every_row_is_as_if_alone(heads, kv_head
     for t in range(T):
         alone = kf.attention(q[t:t + 1], k_cache, v_cache, pos + t, head_kv)
         assert np.array_equal(block[t:t + 1], alone)
+
+
+def test_prefer_huge_pages_keeps_the_array_and_its_values():
+    """Best effort advice to the kernel: the same array, the same bytes, whatever the size
+    or alignment (and a no-op where Linux's madvise is not there)."""
+    for size in (100, 5 * kf.HUGE_PAGE + 12345):
+        a = (np.arange(size) % 251).astype(np.uint8)
+        view = a[7:]
+        assert kf.prefer_huge_pages(view) is view
+        np.testing.assert_array_equal(view, (np.arange(7, size) % 251).astype(np.uint8))

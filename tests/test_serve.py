@@ -761,3 +761,11 @@ def test_a_lost_or_stalled_rank_ends_the_job_and_a_restart_serves(pipeline2, cha
     assert FAULTS_TIMEOUT <= seconds < FAULTS_TIMEOUT + SLACK, (seconds, printed)
     assert "finished" not in outcomes, outcomes
     assert "rank 1" in printed and "stopped" in printed and "--timeout" in printed, printed
+
+
+def test_bad_kv_block_size_is_one_error_line():
+    result = subprocess.run([sys.executable, "-m", "dllm.serve", "--model", str(dllm.demo_model()),
+                             "--kv-block-size", "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "dllm.serve: error: --kv-block-size must be at least 1, got 0"]

@@ -115,7 +115,9 @@ class FastKernels:
 
     def prepare(self, w, wtype):
         if wtype == "q40":
-            return self.fast.pack_q40(w)
+            packed = self.fast.pack_q40(w)
+            self.fast.prefer_huge_pages(packed.codes)     # streamed once per token
+            return packed
         return Matrix(w, weight_type(wtype))
 
     def stored(self, w):
