@@ -78,9 +78,15 @@ class NumpyKernels:
         """Q8_0 bytes (T, nb*34) -> quantize_input of their float32 values."""
         return dequantize_q80(payload)
 
-    # the float32 steps between the matmuls (dllm.kernels)
-    rmsnorm, rope, swiglu = (staticmethod(kernels.rmsnorm), staticmethod(kernels.rope),
-                             staticmethod(kernels.swiglu))
+    def rmsnorm(self, x, weight, eps):
+        """The float32 steps between the matmuls: dllm.kernels' rmsnorm, rope, swiglu."""
+        return kernels.rmsnorm(x, weight, eps)
+
+    def rope(self, x, cos, sin):
+        return kernels.rope(x, cos, sin)
+
+    def swiglu(self, gate, up):
+        return kernels.swiglu(gate, up)
 
     def attention(self, q, k_cache, v_cache, pos, head_kv):
         """Causal attention of T query rows (kernels.attention: one batched product)."""
@@ -147,6 +153,7 @@ class FastKernels:
         return self.fast.input_from_q80(payload)
 
     def rmsnorm(self, x, weight, eps):
+        """Compiled twins of dllm.kernels' rmsnorm, rope, swiglu (kernels_fast)."""
         return self.fast.rmsnorm(x, weight, eps)
 
     def rope(self, x, cos, sin):

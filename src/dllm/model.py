@@ -81,16 +81,16 @@ class Model:
         self.layer_range = layer_range or (0, config.n_layers)
         self.layers = [{name: weights[f"layers/{i}/{name}"] for name in LAYER_MATRICES + NORMS}
                        for i in range(*self.layer_range)]
-        q80 = self.kernels                    # the payload's Q8_0 codec (the same bytes)
-        self.exchange_attention = SliceExchange(slice_sizes(shards, "attention"), sync, q80)
-        self.exchange_dim = SliceExchange(slice_sizes(shards, "dim"), sync, q80)
-        self.exchange_hidden = SliceExchange(slice_sizes(shards, "hidden"), sync, q80)
+        codec = self.kernels                  # codes the Q8_0 payload (the same bytes)
+        self.exchange_attention = SliceExchange(slice_sizes(shards, "attention"), sync, codec)
+        self.exchange_dim = SliceExchange(slice_sizes(shards, "dim"), sync, codec)
+        self.exchange_hidden = SliceExchange(slice_sizes(shards, "hidden"), sync, codec)
         # Row-parallel schemes: every rank's full-width partial sum ("partials"), or one chunk
         # of dim per rank for the reduce-scatter ("reduce", the dim slices again).
-        self.exchange_partials = SliceExchange([config.dim] * len(shards), sync, q80)
+        self.exchange_partials = SliceExchange([config.dim] * len(shards), sync, codec)
         # Star: root's whole (T, dim) rows to every rank; the ranks' keys or values to root.
-        self.exchange_root = SliceExchange([config.dim], sync, q80)
-        self.exchange_kv = SliceExchange(slice_sizes(shards, "kv"), sync, q80)
+        self.exchange_root = SliceExchange([config.dim], sync, codec)
+        self.exchange_kv = SliceExchange(slice_sizes(shards, "kv"), sync, codec)
         self.vocab_widths = slice_sizes(shards, "vocab")
         # Query head h reads kv head h // q_per_kv; index it within this rank's cache.
         heads = np.arange(*shard.attention_heads)
