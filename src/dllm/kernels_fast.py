@@ -109,9 +109,9 @@ def prefer_huge_pages(array):
     """Ask Linux to back the 2 MB-aligned part of `array`'s memory with huge pages, now
     (madvise MADV_HUGEPAGE, then MADV_COLLAPSE, which moves pages already touched in 4 KB
     pages: the usual case for arrays that reuse freed heap memory). Decoding streams every
-    weight once per token, and with 4 KB pages this core's streaming rate drops by about a
-    fifth (docs/benchmarks.md). Best effort: on other systems, older kernels or a refusal it
-    changes nothing. Returns array."""
+    weight once per token, and in 4 KB pages this VM streamed them a median 7% slower, up to
+    a quarter (kernels/huge_pages.py, docs/benchmarks.md). Best effort: on other systems,
+    older kernels or a refusal it changes nothing. Returns array."""
     if _madvise is None or array.nbytes < 2 * HUGE_PAGE:
         return array
     start = -(-array.ctypes.data // HUGE_PAGE) * HUGE_PAGE
