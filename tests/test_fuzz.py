@@ -287,6 +287,9 @@ CASES = {
     "generate --chat stdin not UTF-8": G("--chat", "--model", "{chat_model}", "--steps", "2", stdin=b"caf\xe9\n",
                                          fragment="stdin is not UTF-8 text"),
     "generate --resume --chat": G("--resume", "{transcript}", "--chat", fragment="--chat"),
+    "generate --chat --stats-json": G("--chat", "--model", "{chat_model}", "--stats-json",
+                                      "{out}/stats.json", stdin=b"hi\n", fragment="--chat",
+                                      absent=("stats.json",)),
     # device profiles: finite, positive, bounded
     "generate --profile missing": G("--profile", "{none}", fragment="not found"),
     "generate --profile binary": G("--profile", "{binary}", fragment="binary file"),

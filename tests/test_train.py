@@ -275,3 +275,17 @@ def test_checkpoint_of_another_run_is_refused(files, tmp_path):
     from dllm.errors import DllmError
     with pytest.raises(DllmError, match="is of another run"):
         train(Comm.self_comm(), argv(files, out, "--lr", "1e-3", steps=2))
+
+
+def test_study_tables_a_run_and_plots_into_a_new_folder(files, tmp_path, capsys):
+    """python -m dllm.train.study on a run's --metrics file: its table, and the plots in a
+    --plot-dir that does not exist yet (created, as dllm.bench table does)."""
+    pytest.importorskip("matplotlib")
+    from dllm.train import study
+    out = tmp_path / "run.h5"
+    train(Comm.self_comm(), argv(files, out, steps=6))
+    plots = tmp_path / "new" / "plots"
+    assert study.main([str(out) + ".jsonl", "--plot-dir", str(plots), "--skip", "1"]) == 0
+    assert "run" in capsys.readouterr().out
+    pngs = list(plots.iterdir())
+    assert pngs and all(p.suffix == ".png" for p in pngs)

@@ -161,7 +161,18 @@ def table_main(comm, argv):
     return 0
 
 
-def _pyplot():
+def plot_folder(folder):
+    """--plot-dir: the folder as a Path, created if missing (DllmError saying why not)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DllmError(f"--plot-dir {folder}: {reason(exc)}") from None
+    return folder
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or a DllmError naming the extra."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -172,14 +183,12 @@ def _pyplot():
 
 
 def plot_all(groups, compares, folder):
-    plt = _pyplot()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DllmError(f"--plot-dir {folder}: {reason(exc)}") from None
+    plt = pyplot()
+    folder = plot_folder(folder)
     written = []
     for key, rs in groups.items():
-        stem = re.sub(r"[^A-Za-z0-9.]+", "-", "-".join(str(k) for k in key)).strip("-")
+        stem = re.sub(r"[^A-Za-z0-9.]+", "-",
+                      "-".join(str(k) for k in key if k is not None)).strip("-")
         title = describe(key, rs)
         for suffix, draw in (("time", plot_time), ("bytes", plot_bytes), ("speedup", plot_speedup)):
             fig = draw(plt, rs, title)

@@ -213,7 +213,7 @@ def _perplexity(comm, args):
 def _perplexity_line(r):
     speed = f", {r['tokens_per_s']:.0f} tokens/s" if r.get("tokens_per_s") else ""
     return (f"perplexity {r['perplexity']:.4f}  mean NLL {r['mean_nll']:.5f}  tokens scored "
-            f"{r['tokens_scored']}  windows {r['windows']} of {r['window']}  "
+            f"{r['tokens_scored']}  {r['windows']} windows of {r['window']} tokens  "
             f"({r['seconds']:.1f} s{speed})")
 
 

@@ -81,6 +81,8 @@ def _main(comm, argv):
         args.transcript = args.transcript or args.resume
     if args.chat and args.transcript:
         raise DllmError("--transcript records plain generation; it does not apply to --chat")
+    if args.chat and args.stats_json:
+        raise DllmError("--stats-json measures plain generation; it does not apply to --chat")
     use_fault_options(comm, args, hint=f"continue with --resume {args.transcript}"
                       if args.transcript else None)
     sampler = Sampler(args.temperature, args.top_p, args.seed)

@@ -65,10 +65,9 @@ def _number(value, spec):
 
 
 def plot(rows, folder):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    folder = Path(folder)
+    from ..benchplots import plot_folder, pyplot
+    plt = pyplot()
+    folder = plot_folder(folder)
     for source in sorted({r["source"] for r in rows}):
         group = [r for r in rows if r["source"] == source]
         tag = Path(source).stem.replace(" ", "-")
