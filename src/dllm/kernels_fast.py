@@ -262,13 +262,19 @@ def quantize_q80(x):
 
 
 @njit(nogil=True, cache=True)
+def _scale_at(row, o):
+    """The f16 scale of the Q8_0 block at byte o of row (uint8), as float32."""
+    return F16_TO_F32[np.int32(row[o]) | (np.int32(row[o + 1]) << 8)]
+
+
+@njit(nogil=True, cache=True)
 def _dequantize_q80_rows(payload, out):
     """payload (T, nb*34) uint8 Q8_0 rows -> out (T, nb*32) float32 (any strides): d * q."""
     T, nb = payload.shape[0], payload.shape[1] // 34
     for t in range(T):
         for b in range(nb):
             o = b * 34
-            d = F16_TO_F32[np.int32(payload[t, o]) | (np.int32(payload[t, o + 1]) << 8)]
+            d = _scale_at(payload[t], o)
             for j in range(32):
                 out[t, b * 32 + j] = d * np.float32(np.int8(payload[t, o + 2 + j]))
 
@@ -303,7 +309,7 @@ def _q80_payload_operands(payload, codes, scale, pairs, offset):
     for t in range(T):
         for b in range(nb):
             o = b * 34
-            scale[t, b] = F16_TO_F32[np.int32(payload[t, o]) | (np.int32(payload[t, o + 1]) << 8)]
+            scale[t, b] = _scale_at(payload[t], o)
             for j in range(32):
                 codes[t, b, j] = np.int8(payload[t, o + 2 + j])
         _q80_pairs(codes[t], pairs[t], offset[t])
@@ -318,8 +324,8 @@ class Q80Input:
     computed when first read; x (T, n) float32, the input itself (from_q80: its values)."""
 
     def __init__(self, x, payload=None):
-        source = x if payload is None else payload
-        T, nb = len(source), (x.shape[1] // 32 if payload is None else payload.shape[1] // 34)
+        T, nb = (len(x), x.shape[1] // 32) if payload is None else (len(payload),
+                                                                     payload.shape[1] // 34)
         self.codes, self.scale = np.empty((T, nb, 32), np.int8), np.empty((T, nb), np.float32)
         self.pairs, self.offset = np.empty((T, nb, 16), np.int16), np.empty((T, nb), np.int16)
         operands = self.codes, self.scale, self.pairs, self.offset
@@ -368,15 +374,20 @@ def quantize_input(x):
     (wq, wk, wv; w1, w3); x itself when n is not whole Q8_0 blocks (no Q4_0 matmul reads it)
     or when T > 1 rows will meet no integer kernel (gemm_isa() is None: prefill multiplies
     float32 inputs by dequantized tiles)."""
-    if x.shape[1] % 32 or not len(x) or (len(x) > 1 and gemm_isa() is None):
+    if x.shape[1] % 32 or not _quantizes(len(x)):
         return x
     return Q80Input(x)
+
+
+def _quantizes(T):
+    """Whether T input rows meet an integer kernel (quantize_input's rule)."""
+    return T == 1 or (T > 1 and gemm_isa() is not None)
 
 
 def input_from_q80(payload):
     """Q8_0 bytes (T, nb*34) -> what quantize_input makes of their float32 values, from the
     bytes themselves (Q80Input.from_q80) wherever quantize_input would quantize."""
-    if not len(payload) or (len(payload) > 1 and gemm_isa() is None):
+    if not _quantizes(len(payload)):
         return dequantize_q80(payload)
     return Q80Input.from_q80(payload)
 
@@ -487,8 +498,8 @@ def gemv_q40_q80(xq, w, threads=1):
 
 
 def check_width(xq, w):
-    if xq.lo.shape[1] * 32 != w.n:
-        raise ValueError(f"input width {xq.lo.shape[1] * 32} does not match a Q4_0 matrix "
+    if xq.scale.shape[1] * 32 != w.n:
+        raise ValueError(f"input width {xq.scale.shape[1] * 32} does not match a Q4_0 matrix "
                          f"of {w.n} columns")
 
 
@@ -612,7 +623,7 @@ def _gemv_q80_rows(codes, scale_bytes, r0, r1, x_codes, x_scale, out):
             block_sum = np.int32(0)
             for j in range(32):
                 block_sum += np.int32(codes[r, o + 2 + j]) * np.int32(x_codes[b, j])
-            d = F16_TO_F32[np.int32(scale_bytes[r, o]) | (np.int32(scale_bytes[r, o + 1]) << 8)]
+            d = _scale_at(scale_bytes[r], o)
             acc += np.float32(block_sum) * (d * x_scale[b])
         out[r - r0] = acc
 
