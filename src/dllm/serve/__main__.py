@@ -113,7 +113,7 @@ def start_server(args, model, pool):
     except ImportError:
         raise DllmError("dllm.serve needs its extra: pip install 'dllm[serve]'") from None
     path = Path(args.model) if args.model else None
-    metrics = Metrics(pool.block_size)
+    metrics = Metrics()
     scheduler = Scheduler(pool.n_blocks, model.max_seq_len, model.prefill_chunk,
                           args.max_running, args.max_queue, args.prefill_tokens,
                           block_size=pool.block_size,

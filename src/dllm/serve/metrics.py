@@ -6,8 +6,6 @@ HTTP thread (plain ints and lists: a reading may be one token stale, never torn)
 import collections
 import time
 
-from ..kvcache import BLOCK_SIZE
-
 # Histogram buckets, seconds: inter-token latencies of a Pi cluster reach seconds.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 RATE_WINDOW = 10.0     # seconds of tokens behind the tokens/s gauge
@@ -35,8 +33,7 @@ class Histogram:
 
 
 class Metrics:
-    def __init__(self, block_size=BLOCK_SIZE):
-        self.block_size = block_size                # positions per KV block (a gauge)
+    def __init__(self):
         self.requests = collections.Counter()     # by outcome: "ok", "error", "rejected"
         self.generated_tokens = 0
         self.prompt_tokens = 0
@@ -63,12 +60,12 @@ class Metrics:
 
     def render(self, snapshot):
         """The exposition text; snapshot: Scheduler.snapshot()."""
-        queued, running, used, free, live = snapshot
+        queued, running, used, free, block_size, live = snapshot
         gauges = [("dllm_queue_depth", "requests waiting to run", queued),
                   ("dllm_running_sequences", "sequences in the running batch", running),
                   ("dllm_kv_blocks_used", "KV cache blocks held by sequences", used),
                   ("dllm_kv_blocks_free", "KV cache blocks free", free),
-                  ("dllm_kv_block_size", "positions per KV cache block", self.block_size),
+                  ("dllm_kv_block_size", "positions per KV cache block", block_size),
                   ("dllm_kv_live_tokens", "positions the running sequences have written or "
                    "are writing", live),
                   ("dllm_tokens_per_second", f"tokens generated per second over the last "

@@ -108,12 +108,12 @@ class Scheduler:
             self.lock.notify()
 
     def snapshot(self):
-        """(queued, running, blocks used, blocks free, live tokens: the positions the
-        running sequences have written or are writing) for /metrics."""
+        """(queued, running, blocks used, blocks free, positions per block, live tokens: the
+        positions the running sequences have written or are writing) for /metrics."""
         with self.lock:
             live = sum(s.reserved for s in self.running)
             return (len(self.waiting), len(self.running), self.allocator.used,
-                    len(self.allocator.free), live)
+                    len(self.allocator.free), self.block_size, live)
 
     # --- the engine's side ----------------------------------------------------------------
     def next_plan(self, idle_timeout=None, busy=frozenset(), groups=1):
