@@ -789,3 +789,35 @@ def test_format_v1_files_still_load(tmp_path):
         f["layers/0/wq"].attrs["quant"] = "q80"      # v1 had no q80
     with pytest.raises(DllmError, match="bad quant"):
         dllm.load(str(tmp_path / "m.h5"), comm=Comm.self_comm())
+
+
+def test_an_interrupt_swallowed_by_a_finalizer_prints_nothing_and_writes_nothing(
+        tmp_path, monkeypatch):
+    """SIGTERM's handler may raise inside a weakref callback or a __del__, where Python only
+    hands the exception to sys.unraisablehook (by default: "Exception ignored" and a
+    traceback) and goes on: the recorded interrupt stops the rename and is raised there,
+    the hook never sees it, and the hook that was there before is back afterwards."""
+    import gc
+    from dllm.atomic import interrupted, replacing
+    from dllm.convert import Terminated
+    seen = []
+    record = seen.append
+    monkeypatch.setattr(sys, "unraisablehook", record)
+
+    class Finalized:
+        def __del__(self):
+            exc = Terminated()
+            interrupted(exc)            # what convert's SIGTERM handler does, then raises
+            raise exc
+
+    out = tmp_path / "out.txt"
+    with pytest.raises(Terminated):
+        try:
+            with replacing(out) as tmp:
+                tmp.write_text("half")
+                Finalized()                 # dropped at once: its __del__ raises, swallowed
+                gc.collect()
+        finally:
+            interrupted(None)
+    assert not out.exists() and not list(tmp_path.iterdir())
+    assert seen == [] and sys.unraisablehook is record

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import stat
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,17 +20,33 @@ from .errors import DllmError
 
 # Interrupts whose exception may have been swallowed: a signal handler's raise that lands in
 # a weakref callback or a __del__ is only printed by Python, and the write would go on to its
-# rename. replacing checks here before it renames.
+# rename. replacing checks here before it renames (and raises it then).
 _pending_interrupts = []
 
 
+def _unraisable_unless_recorded(unraisable):
+    """sys.unraisablehook while interrupts are recorded: a recorded interrupt swallowed in a
+    finalizer is raised again where the write checks, so Python's "Exception ignored" and
+    its traceback are not printed for it; anything else is printed as always."""
+    if not any(unraisable.exc_value is exc for exc in _pending_interrupts):
+        _hook_before[-1](unraisable)
+
+
+_hook_before = []       # the unraisablehook that _unraisable_unless_recorded stands in for
+
+
 def interrupted(exc):
-    """Record an interrupt (a signal handler calls this, then raises exc); None forgets those
-    recorded (when the command that caught them has ended)."""
+    """Record an interrupt (a signal handler calls this, then raises exc itself); None forgets
+    those recorded (when the command that caught them has ended)."""
     if exc is None:
         _pending_interrupts.clear()
+        if sys.unraisablehook is _unraisable_unless_recorded:
+            sys.unraisablehook = _hook_before.pop()
     else:
         _pending_interrupts.append(exc)
+        if sys.unraisablehook is not _unraisable_unless_recorded:
+            _hook_before.append(sys.unraisablehook)
+            sys.unraisablehook = _unraisable_unless_recorded
 
 
 def temporary_path(path, pid=None):

@@ -141,8 +141,9 @@ def _catch_sigterm():
 
     def terminated(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # let the cleanup finish
-        interrupted(Terminated())       # stops the rename even if this raise is swallowed
-        raise Terminated
+        exc = Terminated()
+        interrupted(exc)                # stops the rename even if this raise is swallowed
+        raise exc
     return signal.signal(signal.SIGTERM, terminated)
 
 
